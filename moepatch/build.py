@@ -1,0 +1,302 @@
+"""Build the patched tree: the pristine base plus one commit per patch.
+
+Layout of a built tree (a normal git checkout):
+  tag    vllm-base          the pristine release (reproducible SHA)
+  branch patched            base + the whole series, one commit per patch
+  branch moepatch/failed    only after a failed build: base + the patches
+                            that applied, for inspection
+  refs/moepatch/backup/*    local work saved by --force
+  .git/moepatch/state.json  what was built, from which pin and series
+
+A build that fails never moves `patched`: a tree that was built before stays
+checked out as it was. Re-running with nothing changed is a no-op.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import git
+
+from . import gitutil, logger
+from .errors import ConflictError, LockedError, TargetError
+from .pin import Pin
+from .series import Patch, message_of
+from .source import Base, resolve_base
+
+BASE_TAG = "vllm-base"
+BRANCH = "patched"
+FAILED_BRANCH = "moepatch/failed"
+WIP_BRANCH = "moepatch/wip"
+BACKUP_REFS = "refs/moepatch/backup"
+FILENAME_TRAILER = "Patch-Filename"
+
+
+@dataclass
+class State:
+    fingerprint: str
+    base: str
+    source: str
+    head: str | None
+    applied: list[dict] = field(default_factory=list)  # {"name", "commit"}
+    failed: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.failed is None and self.head is not None
+
+
+@dataclass
+class BuildResult:
+    target: Path
+    state: State
+    noop: bool
+    seconds: float
+    backups: list[str] = field(default_factory=list)
+
+
+def state_path(target: Path) -> Path:
+    return Path(target) / ".git" / "moepatch" / "state.json"
+
+
+def read_state(target: Path) -> State | None:
+    try:
+        return State(**json.loads(state_path(target).read_text()))
+    except (FileNotFoundError, TypeError, ValueError):
+        return None
+
+
+def _write_state(target: Path, state: State) -> None:
+    path = state_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def fingerprint(pin_text: bytes, patches: list[Patch]) -> str:
+    digest = hashlib.sha256(pin_text)
+    for p in patches:
+        digest.update(b"\0" + p.name.encode() + b"\0" + p.data)
+    return digest.hexdigest()
+
+
+@contextmanager
+def locked(target: Path):
+    """Hold an exclusive lock beside the target; a second run refuses at once."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise LockedError(f"{target}: locked by {holder}; try again when it ends") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.seek(0)
+            lock.truncate()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def with_filename_trailer(patch: Patch) -> bytes:
+    """The patch text with a `Patch-Filename:` trailer added to its message.
+
+    The trailer lets `export` write each commit back to the file it came from,
+    whatever its subject becomes; export removes it again.
+    """
+    text = patch.data.decode("utf-8")
+    head, sep, mail_body = text.partition("\n\n")
+    message = message_of(mail_body)
+    trimmed = message.rstrip("\n")
+    new_message = trimmed + f"\n{FILENAME_TRAILER}: {patch.name}" + message[len(trimmed) :]
+    return (head + sep + new_message + mail_body[len(message) :]).encode("utf-8")
+
+
+def _am(target: Path, patch: Patch, scratch: Path) -> tuple[bool, str]:
+    mbox = scratch / patch.name
+    mbox.write_bytes(with_filename_trailer(patch))
+    env = gitutil.env_for(gitutil.COMMITTER)
+    status, out, err = gitutil.run(
+        target, "am", "-q", "--keep", "--3way", "--committer-date-is-author-date",
+        str(mbox), env=env, check=False,
+    )  # fmt: skip
+    return status == 0, (out + "\n" + err).strip()
+
+
+def describe_conflict(target: Path, output: str) -> list[str]:
+    """Files and hunks that failed, from git's own report and the index."""
+    details = []
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith(("error: patch failed:", "CONFLICT", "error: ")):
+            details.append(line.removeprefix("error: "))
+    unmerged = gitutil.out(target, "diff", "--name-only", "--diff-filter=U")
+    for path in unmerged.splitlines():
+        if not any(path in d for d in details):
+            details.append(f"conflict in {path}")
+    return list(dict.fromkeys(details))
+
+
+def _save_local_work(target: Path, state: State | None) -> list[str]:
+    """Put uncommitted changes and foreign commits on backup refs; return them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    saved = []
+    head = gitutil.rev(target, "HEAD")
+    if head and state and head != state.head and head != state.base:
+        ref = f"{BACKUP_REFS}/{stamp}-commits"
+        gitutil.run(target, "update-ref", ref, head)
+        saved.append(ref)
+    if gitutil.dirty_paths(target):
+        env = gitutil.env_for(gitutil.COMMITTER)
+        gitutil.run(target, "stash", "push", "-q", "--include-untracked", "-m",
+                    "saved by apply.py --force", env=env)  # fmt: skip
+        ref = f"{BACKUP_REFS}/{stamp}-worktree"
+        gitutil.run(target, "update-ref", ref, "refs/stash")
+        gitutil.run(target, "stash", "drop", "-q")
+        saved.append(ref)
+    return saved
+
+
+def _check_target(target: Path, state: State | None, force: bool) -> list[str]:
+    """Refuse a target holding someone's work unless --force; with it, keep that work."""
+    if not target.exists() or not any(target.iterdir()):
+        return []
+    if state is None:
+        if not force:
+            raise TargetError(
+                f"{target}: exists and was not built by apply.py; "
+                "remove it, pick another --target, or pass --force to move it aside"
+            )
+        aside = target.with_name(f"{target.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}")
+        target.replace(aside)
+        logger.warning("moved %s aside to %s", target, aside)
+        return [str(aside)]
+    problems = []
+    dirty = gitutil.dirty_paths(target)
+    if dirty:
+        problems.append(f"{len(dirty)} changed file(s), e.g. {dirty[0]}")
+    head = gitutil.rev(target, "HEAD")
+    if state.head and head not in (state.head, state.base) and not state.failed:
+        problems.append(f"HEAD {head[:12]} is not the built series")
+    if problems and not force:
+        raise TargetError(
+            f"{target}: has local work ({'; '.join(problems)}); commit it elsewhere, "
+            "run `python apply.py export` to turn commits into patches, or pass --force "
+            "(your work is kept under refs/moepatch/backup/)"
+        )
+    return _save_local_work(target, state) if problems else []
+
+
+def _prepare_repo(target: Path, base: Base) -> None:
+    if not gitutil.is_repo(target):
+        target.mkdir(parents=True, exist_ok=True)
+        gitutil.run(target, "init", "-q")
+    if gitutil.rev(target, base.commit) != base.commit:
+        gitutil.run(target, "fetch", "-q", "--no-tags", str(base.repo), base.commit)
+    gitutil.run(target, "tag", "-f", BASE_TAG, base.commit)
+
+
+def is_up_to_date(target: Path, print_: str) -> bool:
+    state = read_state(target)
+    return bool(
+        state
+        and state.complete
+        and state.fingerprint == print_
+        and gitutil.rev(target, "HEAD") == state.head
+        and gitutil.rev(target, BRANCH) == state.head
+        and not gitutil.dirty_paths(target)
+    )
+
+
+def build(
+    pin: Pin,
+    pin_text: bytes,
+    patches: list[Patch],
+    target: Path,
+    source: str = "auto",
+    force: bool = False,
+) -> BuildResult:
+    """Build (or confirm) the patched tree at `target`. Raises ConflictError."""
+    start = time.monotonic()
+    target = Path(target)
+    print_ = fingerprint(pin_text, patches)
+    with locked(target):
+        state = read_state(target) if gitutil.is_repo(target) else None
+        if is_up_to_date(target, print_):
+            return BuildResult(target, state, True, time.monotonic() - start)
+        backups = _check_target(target, state, force)
+        base = resolve_base(pin, source)
+        logger.info("base: %s", base.description)
+        _prepare_repo(target, base)
+        new_state = _apply_series(target, base, patches, print_, had_build=bool(
+            state and state.complete and gitutil.rev(target, BRANCH)))  # fmt: skip
+        return BuildResult(target, new_state, False, time.monotonic() - start, backups)
+
+
+def _apply_series(
+    target: Path, base: Base, patches: list[Patch], print_: str, had_build: bool
+) -> State:
+    gitutil.run(target, "checkout", "-q", "-f", "-B", WIP_BRANCH, base.commit)
+    state = State(print_, base.commit, base.description, None)
+    scratch = Path(tempfile.mkdtemp(prefix="moepatch-am-"))
+    try:
+        for patch in patches:
+            ok, output = _am(target, patch, scratch)
+            if not ok:
+                details = describe_conflict(target, output)
+                gitutil.run(target, "am", "--abort", check=False)
+                return _fail(target, state, patch, details, had_build)
+            commit = gitutil.rev(target, "HEAD")
+            state.applied.append({"name": patch.name, "commit": commit})
+            logger.info("applied %s", patch.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    gitutil.run(target, "checkout", "-q", "-B", BRANCH, WIP_BRANCH)
+    gitutil.run(target, "branch", "-q", "-D", WIP_BRANCH)
+    gitutil.run(target, "branch", "-q", "-D", FAILED_BRANCH, check=False)
+    state.head = gitutil.rev(target, "HEAD")
+    _write_state(target, state)
+    return state
+
+
+def _fail(target: Path, state: State, patch: Patch, details: list[str], had_build: bool):
+    gitutil.run(target, "branch", "-q", "-f", FAILED_BRANCH, WIP_BRANCH)
+    if had_build:
+        gitutil.run(target, "checkout", "-q", "-f", BRANCH)
+        where = f"the previous build is still checked out on '{BRANCH}'"
+    else:
+        gitutil.run(target, "checkout", "-q", "-f", FAILED_BRANCH)
+        where = f"the tree is at the last good patch on '{FAILED_BRANCH}'"
+    gitutil.run(target, "branch", "-q", "-D", WIP_BRANCH)
+    previous = read_state(target)
+    if previous and had_build:
+        previous.failed = patch.name
+        _write_state(target, previous)
+    else:
+        state.failed = patch.name
+        _write_state(target, state)
+    hint = (
+        f"{where}. Fix or rebase patches/{patch.name} (e.g. `git checkout {FAILED_BRANCH}` "
+        f"in {target}, `git am -3 {patch.path}`, resolve, commit, then `python apply.py "
+        "export`), or drop it from patches/series, and run apply.py again."
+    )
+    raise ConflictError(
+        f"patch {patch.name} does not apply: {'; '.join(details) or 'see git am output'}",
+        hint,
+        details,
+    )

@@ -1,0 +1,66 @@
+"""Errors the tool reports to users: one line each, with a distinct exit code."""
+
+
+class ToolError(Exception):
+    """A failure the user can act on; printed as one line, never a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None, details=None) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.details = list(details or [])
+
+
+class PinError(ToolError):
+    """vllm.pin is missing, malformed or incomplete."""
+
+    exit_code = 3
+
+
+class SeriesError(ToolError):
+    """patches/series or a patch file is missing, duplicated or not a patch."""
+
+    exit_code = 4
+
+
+class VerifyError(ToolError):
+    """Downloaded or local source does not match the pin (hash, version, commit)."""
+
+    exit_code = 5
+
+
+class NetworkError(ToolError):
+    """The index or git remote could not be reached, or a download broke off."""
+
+    exit_code = 6
+
+
+class ConflictError(ToolError):
+    """A patch did not apply."""
+
+    exit_code = 7
+
+
+class TargetError(ToolError):
+    """The output directory holds local changes or foreign content."""
+
+    exit_code = 8
+
+
+class LockedError(ToolError):
+    """Another run holds the lock on the output directory."""
+
+    exit_code = 9
+
+
+class DriftError(ToolError):
+    """patches/ differs from what the built tree exports."""
+
+    exit_code = 10
+
+
+class ArchiveError(ToolError):
+    """An archive holds unsafe members (absolute paths, '..', escaping links)."""
+
+    exit_code = 11

@@ -1,0 +1,154 @@
+"""patches/series and the patch files it lists.
+
+The series file is the only authority on order: one file name per line, blank
+lines and `#` comments ignored. Patches are `git format-patch` text; their
+commit messages end in trailers (`Upstream:`, `Status:`, `Related:`, `Tests:`).
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SeriesError
+
+STATUSES = ("pending", "submitted", "accepted", "backport", "inappropriate", "denied")
+_TRAILER = re.compile(r"^([A-Za-z][A-Za-z0-9-]*): (.+)$")
+
+
+@dataclass
+class Patch:
+    name: str
+    path: Path
+    data: bytes
+    author: str
+    date: str
+    subject: str
+    body: str
+    trailers: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def upstream(self) -> str:
+        return (self.trailers.get("Upstream") or ["(none)"])[-1]
+
+    @property
+    def status(self) -> str:
+        return (self.trailers.get("Status") or ["(none)"])[-1]
+
+    @property
+    def tests(self) -> list[str]:
+        return self.trailers.get("Tests", [])
+
+    def touched_files(self) -> list[str]:
+        text = self.data.decode("utf-8", "replace")
+        return re.findall(r"^diff --git a/(\S+) b/\S+$", text, flags=re.M)
+
+
+def read_series_names(patches_dir: Path) -> list[str]:
+    series = Path(patches_dir) / "series"
+    if not series.is_file():
+        raise SeriesError(f"{series}: series file not found")
+    names: list[str] = []
+    for lineno, line in enumerate(series.read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if entry in names:
+            raise SeriesError(f"{series}:{lineno}: '{entry}' is listed twice")
+        if "/" in entry or entry.startswith("."):
+            raise SeriesError(f"{series}:{lineno}: '{entry}' is not a plain file name")
+        names.append(entry)
+    return names
+
+
+def message_of(mail_body: str) -> str:
+    """The commit message part of a mail body: what `git am` keeps."""
+    end = len(mail_body)
+    for marker in ("\n---\n", "\ndiff --git "):
+        at = mail_body.find(marker)
+        if at != -1:
+            end = min(end, at)
+    return mail_body[:end]
+
+
+def _unfold(header_lines: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    last = None
+    for line in header_lines:
+        if line[:1] in (" ", "\t") and last:
+            headers[last] += " " + line.strip()
+        elif ":" in line:
+            last, _, value = line.partition(":")
+            headers[last] = value.strip()
+    return headers
+
+
+def parse_patch(name: str, path: Path) -> Patch:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SeriesError(f"{path}: listed in series but missing") from None
+    text = data.decode("utf-8", "replace")
+    lines = text.split("\n")
+    if not lines[0].startswith("From ") or "\ndiff --git " not in text:
+        raise SeriesError(f"{path}: not a git format-patch file")
+    try:
+        blank = lines.index("")
+    except ValueError:
+        raise SeriesError(f"{path}: no blank line after the mail headers") from None
+    headers = _unfold(lines[1:blank])
+    for key in ("From", "Date", "Subject"):
+        if not headers.get(key):
+            raise SeriesError(f"{path}: missing '{key}:' header")
+    message = message_of("\n".join(lines[blank + 1 :]))
+    paragraphs = message.strip("\n").split("\n\n")
+    trailers: dict[str, list[str]] = {}
+    body = message.strip("\n")
+    if paragraphs and all(_TRAILER.match(ln) for ln in paragraphs[-1].splitlines()):
+        for ln in paragraphs[-1].splitlines():
+            key, value = _TRAILER.match(ln).groups()
+            trailers.setdefault(key, []).append(value.strip())
+        body = "\n\n".join(paragraphs[:-1])
+    return Patch(
+        name=name,
+        path=path,
+        data=data,
+        author=headers["From"],
+        date=headers["Date"],
+        subject=headers["Subject"],
+        body=body,
+        trailers=trailers,
+    )
+
+
+def read_series(patches_dir: Path) -> list[Patch]:
+    """Parse patches/series and every patch it lists, in order."""
+    patches_dir = Path(patches_dir)
+    return [parse_patch(n, patches_dir / n) for n in read_series_names(patches_dir)]
+
+
+def header_problems(patch: Patch) -> list[str]:
+    """What a reviewer would reject in a patch header, as messages naming the field."""
+    problems = []
+    if not patch.body.strip():
+        problems.append("no description between Subject and the diff")
+    upstream = patch.trailers.get("Upstream")
+    if not upstream:
+        problems.append("missing 'Upstream:' trailer (a PR URL or 'not yet')")
+    elif upstream[-1] != "not yet" and not upstream[-1].startswith("https://"):
+        problems.append(f"malformed 'Upstream: {upstream[-1]}' (a PR URL or 'not yet')")
+    status = patch.trailers.get("Status")
+    if not status:
+        problems.append("missing 'Status:' trailer")
+    elif status[-1].split()[0] not in STATUSES:
+        problems.append(f"unknown 'Status: {status[-1]}' (one of {', '.join(STATUSES)})")
+    elif status[-1].split()[0] in ("submitted", "accepted") and not (
+        upstream and upstream[-1].startswith("https://")
+    ):
+        problems.append(f"'Status: {status[-1]}' needs an 'Upstream:' PR URL")
+    if not patch.tests:
+        problems.append("no 'Tests:' trailer naming the tests that cover it")
+    for ln in patch.data.decode("utf-8", "replace").split("\n"):
+        if ln.startswith("+") and not ln.startswith("+++") and ln != ln.rstrip():
+            problems.append("trailing whitespace on an added line")
+            break
+    return problems
