@@ -172,7 +172,17 @@ def _save_local_work(target: Path, state: State | None) -> list[str]:
     return saved
 
 
-def _check_target(target: Path, state: State | None, force: bool) -> list[str]:
+def _exported(target: Path, patches: list[Patch]) -> bool:
+    """True when the commits on HEAD are exactly the series (e.g. after export)."""
+    from .export import render  # export builds on this module
+
+    rendered = render(target, f"{BASE_TAG}..HEAD")
+    return rendered == [(p.name, p.data) for p in patches]
+
+
+def _check_target(
+    target: Path, state: State | None, patches: list[Patch], force: bool
+) -> list[str]:
     """Refuse a target holding someone's work unless --force; with it, keep that work."""
     if not target.exists() or not any(target.iterdir()):
         return []
@@ -191,7 +201,12 @@ def _check_target(target: Path, state: State | None, force: bool) -> list[str]:
     if dirty:
         problems.append(f"{len(dirty)} changed file(s), e.g. {dirty[0]}")
     head = gitutil.rev(target, "HEAD")
-    if state.head and head not in (state.head, state.base) and not state.failed:
+    if (
+        state.head
+        and head not in (state.head, state.base)
+        and not state.failed
+        and not _exported(target, patches)
+    ):
         problems.append(f"HEAD {head[:12]} is not the built series")
     if problems and not force:
         raise TargetError(
@@ -239,7 +254,7 @@ def build(
         state = read_state(target) if gitutil.is_repo(target) else None
         if is_up_to_date(target, print_):
             return BuildResult(target, state, True, time.monotonic() - start)
-        backups = _check_target(target, state, force)
+        backups = _check_target(target, state, patches, force)
         base = resolve_base(pin, source)
         logger.info("base: %s", base.description)
         _prepare_repo(target, base)

@@ -55,13 +55,10 @@ def series_text(old: str | None, names: list[str]) -> str:
     """The series file listing `names`, keeping the old file's leading comment."""
     header = []
     for line in (old or "").splitlines():
-        if line.startswith("#") or not line.strip():
-            header.append(line)
-        else:
+        if line.split("#", 1)[0].strip():
             break
-    while header and not header[-1].strip():
-        header.pop()
-    return "\n".join([*header, *([""] if header else []), *names]) + "\n"
+        header.append(line)
+    return "".join(f"{line}\n" for line in [*header, *names])
 
 
 def drift(patches_dir: Path, rendered: list[tuple[str, bytes]]) -> list[str]:

@@ -52,15 +52,18 @@ def index_urls() -> list[str]:
         text=True,
         check=False,
     ).stdout
-    values: dict[str, str] = {}
+    # `pip config list` prints the merged files as `section.option='value'`;
+    # pip itself lets the environment override [download] override [global].
+    rank = {"global": 1, "download": 2, ":env:": 3}
+    values: dict[str, tuple[int, str]] = {}
     for line in out.splitlines():
         key, sep, raw = line.partition("=")
-        if not sep:
+        section, _, option = key.rpartition(".")
+        if not sep or section not in rank or option not in ("index-url", "extra-index-url"):
             continue
-        option = key.rsplit(".", 1)[-1]
-        if option in ("index-url", "extra-index-url"):
-            # Later lines override earlier ones, as pip's own precedence does.
-            values[option] = " ".join(shlex.split(raw))
+        if rank[section] >= values.get(option, (0, ""))[0]:
+            values[option] = (rank[section], " ".join(shlex.split(raw)))
+    values = {option: value for option, (_, value) in values.items()}
     primary = values.get("index-url") or _pip_default_index()
     extras = values.get("extra-index-url", "").split()
     return [primary, *extras]

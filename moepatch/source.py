@@ -76,6 +76,12 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     """
     try:
         with tarfile.open(archive, "r:*") as tar:
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                if member.name.startswith("/") or ".." in parts:
+                    raise tarfile.FilterError(f"{member.name!r} leaves the tree")
+            # The data filter also refuses links that point outside the tree
+            # and strips owners and special permission bits.
             tar.extractall(dest, filter="data")
     except tarfile.FilterError as e:
         raise ArchiveError(f"{archive}: unsafe member refused: {e}") from None
