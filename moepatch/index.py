@@ -131,21 +131,27 @@ def _project_files(index: str, project: str) -> list[IndexFile]:
     return files
 
 
-def find_file(project: str, filename: str) -> IndexFile:
-    """Locate one release file of a project on pip's configured indexes."""
-    errors = []
+def list_files(project: str) -> list[IndexFile]:
+    """Every file of a project on pip's configured indexes, in index order."""
+    files, errors = [], []
     for index in index_urls():
         try:
-            for f in _project_files(index, project):
-                if f.filename == filename:
-                    return f
+            files += _project_files(index, project)
         except urllib.error.HTTPError as e:
             if e.code != 404:
                 errors.append(f"{index}: HTTP {e.code}")
         except (urllib.error.URLError, OSError, ValueError) as e:
             errors.append(f"{index}: {getattr(e, 'reason', e)}")
-    if errors:
+    if errors and not files:
         raise NetworkError(f"cannot list {project} on the index ({'; '.join(errors)})")
+    return files
+
+
+def find_file(project: str, filename: str) -> IndexFile:
+    """Locate one release file of a project on pip's configured indexes."""
+    for f in list_files(project):
+        if f.filename == filename:
+            return f
     raise ToolError(f"{filename} is not on any configured package index")
 
 

@@ -114,6 +114,10 @@ class Project:
         return gitutil.out(self.target, *args)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "network: needs the package index (skips when unreachable)")
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_MOE_PATCHES_CACHE", str(tmp_path / "cache"))
