@@ -1,13 +1,13 @@
 """apply / status / export / check on a small generated release."""
 
 import fcntl
-import re
 import json
+import re
 import time
 
 import pytest
-
 from conftest import RELEASE_FILES, make_patch, moe_with
+
 from moepatch import gitutil
 from moepatch.build import FAILED_BRANCH, locked
 

@@ -1,18 +1,18 @@
 """Pins, sources and downloads: each bad input is a one-line error with its code."""
 
 import hashlib
-import re
 import http.server
 import io
 import json
+import re
 import tarfile
 import threading
 
 import pytest
-
 from conftest import RELEASE_FILES, VERSION, make_tarball, pin_text
+
 from moepatch import gitutil, index
-from moepatch.errors import ArchiveError, NetworkError, PinError, VerifyError
+from moepatch.errors import ArchiveError, PinError, VerifyError
 from moepatch.pin import load_pin, parse_pin
 from moepatch.source import base_from_path, resolve_base, safe_extract
 

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Runs ON the GPU device: unpack .device/bundle (made by ci/device_bundle.py),
+# run the test selection on the base and/or patched tree, and write into $OUT:
+#   <name>-<run>.xml  <name>-<run>-table.txt  <name>-<run>.json   (per run)
+#   <name>-compare.txt (base vs patched, when both ran)   <name>-log.txt
+#
+# Usage (from the repo root, in a device `run` with carry [".device/bundle"]):
+#   bash ci/device_test.sh [--runs base,patched] [--name gpu] [--budget 540] \
+#        [--bundle .device/bundle] [-- <apply.py test options>]
+# Options after `--` go to `python3 -m moepatch.testing` (e.g. --patch NAME,
+# --all-moe, --test tests/kernels/moe/test_moe.py, -k EXPR, -n 8).
+# Default selection: every patch's tests; `-n 8` unless -n is given.
+# The time budget (seconds, default 540) is split evenly over the runs, each
+# run interrupted at its share so its partial results still come back.
+set -uo pipefail
+
+BUNDLE=.device/bundle
+RUNS=patched
+NAME=gpu
+BUDGET=540
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --runs) RUNS="$2"; shift 2 ;;
+    --name) NAME="$2"; shift 2 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    --bundle) BUNDLE="$2"; shift 2 ;;
+    --) shift; break ;;
+    *) echo "device_test.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+EXTRA=("$@")
+[[ " ${EXTRA[*]} " == *" -n "* ]] || EXTRA+=(-n 8)  # xdist: 8 workers on the one GPU
+OUT=${OUT:-$PWD/.device/out}
+mkdir -p "$OUT"
+LOG="$OUT/$NAME-log.txt"
+exec > >(tee -a "$LOG") 2>&1
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# Keep NVLink multicast off (device rule), also for every child process.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+[[ -f "$BUNDLE/MANIFEST.json" ]] || { echo "no bundle at $BUNDLE (carry it)"; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+
+# 1. dependency wheels -> /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$BUNDLE"/wheels/*.whl || { echo "wheel install failed"; exit 2; }
+export PYTHONPATH=/tmp/site
+
+# 2. compiled modules (sm_90-only fatbins) -> /tmp/so
+mkdir -p /tmp/so
+cp -r "$BUNDLE"/so/. /tmp/so/
+for f in $(cd /tmp/so && find . -name '*.so.xz'); do xz -d -f "/tmp/so/$f"; done
+
+# 3. trees: base in full, patched = base + overlay - deleted files
+make_tree() {  # $1 = base|patched
+  local dst=/tmp/trees/$1
+  rm -rf "$dst"; mkdir -p "$dst"
+  tar -xJf "$BUNDLE/trees/base.tar.xz" -C "$dst" || return 1
+  if [[ $1 == patched ]]; then
+    tar -xJf "$BUNDLE/trees/patched.tar.xz" -C "$dst" || return 1
+    while IFS= read -r p; do [[ -n "$p" ]] && rm -f "$dst/$p"; done < "$BUNDLE/trees/patched.deleted"
+  fi
+  cp /tmp/so/vllm/*.so "$dst/vllm/"
+  cp -r /tmp/so/*.dist-info "$dst/" 2>/dev/null || true
+  # FA2/FA3 binaries are not carried; an empty module lets vllm.vllm_flash_attn import.
+  [[ -e "$dst/vllm/vllm_flash_attn/_vllm_fa3_C.py" ]] || : > "$dst/vllm/vllm_flash_attn/_vllm_fa3_C.py"
+}
+
+smoke() {  # the compiled ops load and give the right answer; fused_moe imports
+  (cd "$1" && PYTHONPATH="$1:/tmp/site" python3 - <<'PY'
+import torch
+import vllm._C_stable_libtorch, vllm._moe_C_stable_libtorch  # noqa: F401,E401
+from vllm.model_executor.layers import fused_moe  # noqa: F401
+x = torch.randn(64, 4, 256, device="cuda", dtype=torch.bfloat16)
+out = torch.empty(64, 256, device="cuda", dtype=torch.bfloat16)
+torch.ops._moe_C.moe_sum(x, out, None, None)
+torch.testing.assert_close(out, x.float().sum(1).bfloat16(), atol=2e-2, rtol=2e-2)
+print("smoke: _C and _moe_C load, moe_sum correct, fused_moe imports on",
+      torch.cuda.get_device_name())
+PY
+  )
+}
+
+IFS=, read -ra RUNLIST <<< "$RUNS"
+NRUNS=${#RUNLIST[@]}
+RC=0
+for run in "${RUNLIST[@]}"; do
+  make_tree "$run" || { echo "cannot unpack the $run tree"; RC=2; continue; }
+  smoke "/tmp/trees/$run" || { echo "smoke test failed on the $run tree"; RC=2; }
+  now=$(date +%s)
+  left=$(( BUDGET - (now - START) ))
+  share=$(( left / NRUNS ))
+  NRUNS=$(( NRUNS - 1 ))
+  echo "=== $run: time limit ${share}s"
+  rev=$(python3 -c 'import json, sys; t = json.load(open(sys.argv[1]))["trees"]; print(t["base_rev" if sys.argv[2] == "base" else "head_rev"][:12])' "$BUNDLE/MANIFEST.json" "$run")
+  python3 -m moepatch.testing --device cuda --precompiled none \
+    --selection "$BUNDLE/selection.json" --tree "/tmp/trees/$run" --label "$run $rev" \
+    --time-limit "$share" --junit "$OUT/$NAME-$run.xml" --json "$OUT/$NAME-$run.json" \
+    --table "$OUT/$NAME-$run-table.txt" "${EXTRA[@]}"
+  r=$?
+  echo "=== $run: exit $r"
+  [[ $r -ne 0 && $RC -eq 0 ]] && RC=$r
+done
+if [[ -f "$OUT/$NAME-base.json" && -f "$OUT/$NAME-patched.json" ]]; then
+  python3 -m moepatch.testing compare "$OUT/$NAME-base.json" "$OUT/$NAME-patched.json" \
+    --out "$OUT/$NAME-compare.txt" || RC=1
+fi
+echo "device_test.sh: exit $RC after $(( $(date +%s) - START ))s"
+exit $RC

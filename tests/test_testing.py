@@ -1,0 +1,521 @@
+"""Hermetic tests of `apply.py test` (moepatch.testing), moepatch.precompiled and
+the fatbin trimming of ci/device_bundle.py: a tiny fake vLLM tree with a few
+pytest files, a fake series, a fake wheel and a synthetic ELF."""
+
+import importlib.util
+import json
+import struct
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from moepatch import precompiled, testing
+from moepatch.errors import ToolError
+
+REPO = Path(__file__).resolve().parent.parent
+
+TEST_A = """
+import pytest
+
+def test_pass():
+    assert True
+
+def test_fail():
+    assert 1 == 2, "one is not two"
+
+@pytest.mark.skip(reason="needs a GPU we do not have")
+def test_skip():
+    pass
+
+@pytest.mark.xfail(reason="known")
+def test_xfail():
+    assert False
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(n):
+    assert n
+"""
+TEST_B = "def test_one():\n    assert True\n\ndef test_two():\n    assert True\n"
+TEST_SKIPS = (
+    "import pytest\n\n"
+    "pytestmark = pytest.mark.skip(reason='CUDA only')\n\n"
+    "def test_s():\n    pass\n"
+)
+TEST_EMPTY = "X = 1\n"
+TEST_BROKEN = "import does_not_exist_anywhere\n\ndef test_x():\n    pass\n"
+TEST_SLOW = "import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(60)\n"
+
+
+def _patch_text(name: str, tests: list[str]) -> str:
+    trailers = "".join(f"Tests: {t}\n" for t in tests)
+    return (
+        "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+        "From: vllm-moe-patches <vllm-moe-patches@users.noreply.github.com>\n"
+        "Date: Wed, 25 Nov 2026 12:00:00 +0000\n"
+        f"Subject: [MoE] {name}\n\n"
+        "Body.\n\n"
+        "Upstream: not yet\nStatus: pending\n"
+        f"{trailers}"
+        "Signed-off-by: vllm-moe-patches <vllm-moe-patches@users.noreply.github.com>\n"
+        "---\n"
+        "diff --git a/vllm/x.py b/vllm/x.py\n"
+        "--- a/vllm/x.py\n+++ b/vllm/x.py\n@@ -1 +1 @@\n-a\n+b\n"
+    )
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+@pytest.fixture
+def fake(tmp_path: Path):
+    """A fake built tree (git, tag vllm-base, branch patched) and patches dir."""
+    tree = tmp_path / "tree"
+    files = {
+        "vllm/__init__.py": "",
+        "vllm/_version.py": "__version__ = version = '9.9.9'\n",
+        "tests/__init__.py": "",
+        "tests/kernels/__init__.py": "",
+        "tests/kernels/test_a.py": TEST_A,
+        "tests/kernels/test_b.py": TEST_B,
+        "tests/kernels/test_skips.py": TEST_SKIPS,
+        "tests/kernels/test_empty.py": TEST_EMPTY,
+        "tests/kernels/test_broken.py": TEST_BROKEN,
+        "tests/kernels/test_slow.py": TEST_SLOW,
+        ".gitignore": "*.so\n__pycache__/\n",
+    }
+    for name, text in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    _git(tree, "init", "-q", "-b", "patched")
+    _git(tree, "add", "-A")
+    _git(tree, "commit", "-q", "-m", "base")
+    _git(tree, "tag", "vllm-base")
+    new = tree / "tests/kernels/test_new.py"  # the patch's own new test
+    new.write_text("def test_new():\n    assert True\n")
+    _git(tree, "add", "-A")
+    _git(tree, "commit", "-q", "-m", "patch")
+
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    series = {
+        "one.patch": ["tests/kernels/test_a.py", "tests/kernels/test_b.py::test_one"],
+        "two.patch": ["tests/kernels/test_b.py", "tests/kernels/test_new.py"],
+        "skips.patch": ["tests/kernels/test_skips.py"],
+        "empty.patch": ["tests/kernels/test_empty.py"],
+        "broken.patch": ["tests/kernels/test_broken.py"],
+        "slow.patch": ["tests/kernels/test_slow.py"],
+        "gone.patch": ["tests/kernels/test_missing.py", "tests/kernels/test_b.py"],
+    }
+    for name, tests in series.items():
+        (patches / name).write_text(_patch_text(name, tests))
+    (patches / "series").write_text("".join(n + "\n" for n in series))
+    (patches / "tests.toml").write_text(
+        '[patch."one.patch"]\n'
+        'tests = [{ test = "tests/kernels/test_b.py::test_two", reason = "also covers it" }]\n'
+        '[all-moe]\ntests = [{ test = "tests/kernels", reason = "everything" }]\n'
+        "[device.cpu]\n"
+        'exclude = [{ test = "tests/kernels/test_broken.py", reason = "imports a GPU-only module" }]\n'
+        "[device.cuda]\nexclude = []\n"
+    )
+    return tree, patches
+
+
+def _run(fake, tmp_path, *argv: str) -> tuple[int, dict, str]:
+    tree, patches = fake
+    out = tmp_path / "result.json"
+    junit = tmp_path / "result.xml"
+    rc = testing.main(
+        [
+            "--tree",
+            str(tree),
+            "--patches",
+            str(patches),
+            "--json",
+            str(out),
+            "--junit",
+            str(junit),
+            "-q",
+            *argv,
+        ]
+    )
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    return rc, result, junit.read_text() if junit.is_file() else ""
+
+
+def _row(result: dict, name: str) -> dict:
+    return next(r for r in result["groups"] if r["name"] == name)
+
+
+def test_table_counts_reasons_and_red(fake, tmp_path, capsys):
+    rc, result, junit = _run(fake, tmp_path, "--patch", "one.patch")
+    assert rc == 1  # a red test is red
+    row = _row(result, "one.patch")
+    assert row["collected"] == 8  # 6 in test_a + test_one + test_two (from tests.toml)
+    assert (row["passed"], row["failed"], row["skipped"], row["xfailed"]) == (
+        5,
+        1,
+        1,
+        1,
+    )
+    assert row["skip_reasons"] == {"needs a GPU we do not have": 1}
+    assert row["failures"][0]["nodeid"] == "tests/kernels/test_a.py::test_fail"
+    assert "one is not two" in row["failures"][0]["message"]
+    assert result["nodes"]["tests/kernels/test_a.py::test_param[1]"] == "passed"
+    assert 'name="test_fail"' in junit and "<failure" in junit
+    table = capsys.readouterr().out
+    assert "FAILED tests/kernels/test_a.py::test_fail" in table
+    assert "skipped     1 x needs a GPU we do not have" in table
+    assert "verdict: RED" in table
+
+
+def test_skips_never_count_as_passes(fake, tmp_path):
+    rc, result, _ = _run(fake, tmp_path, "--patch", "skips.patch")
+    row = _row(result, "skips.patch")
+    assert (row["passed"], row["skipped"]) == (0, 1)
+    assert row["skip_reasons"] == {"CUDA only": 1}
+    assert rc == 0  # nothing red; the skip is reported, not hidden
+
+
+def test_shared_tests_run_once_and_count_in_each_row(fake, tmp_path):
+    rc, result, _ = _run(
+        fake, tmp_path, "--patch", "one", "--patch", "two", "-k", "not fail"
+    )
+    assert rc == 0
+    assert _row(result, "two.patch")["passed"] == 3  # test_b x2 + test_new
+    # -k "not fail" drops test_fail and test_xfail
+    assert _row(result, "one.patch")["collected"] == 6
+    assert result["total"]["collected"] == 7  # each test once
+    assert result["command"].count("tests/kernels/test_b.py") == 1
+
+
+def test_exit_5_when_nothing_collected(fake, tmp_path, capsys):
+    rc, result, _ = _run(fake, tmp_path, "--patch", "empty.patch")
+    assert rc == testing.EXIT_EMPTY and result["pytest_exit"] == 5
+    assert "EMPTY" in capsys.readouterr().out
+    rc, result, _ = _run(fake, tmp_path, "--patch", "empty.patch", "--allow-empty")
+    assert rc == 0
+
+
+def test_excluded_file_is_not_run_and_says_why(fake, tmp_path):
+    rc, result, _ = _run(fake, tmp_path, "--patch", "broken.patch")
+    row = _row(result, "broken.patch")
+    assert row["collected"] == 0 and row["passed"] == 0
+    assert row["not_run"] == [
+        {"test": "tests/kernels/test_broken.py", "reason": "imports a GPU-only module"}
+    ]
+    assert rc == testing.EXIT_EMPTY  # nothing ran: never a silent pass
+
+
+def test_collection_error_is_red(fake, tmp_path):
+    # on cuda the exclusion does not apply: the import error must show as red
+    rc, result, _ = _run(
+        fake,
+        tmp_path,
+        "--patch",
+        "broken.patch",
+        "--device",
+        "cuda",
+        "--precompiled",
+        "none",
+    )
+    assert rc == 1
+    errs = _row(result, "broken.patch")["collect_errors"]
+    assert errs and "does_not_exist_anywhere" in errs[0]["message"]
+
+
+def test_missing_test_file_is_reported(fake, tmp_path):
+    _, result, _ = _run(fake, tmp_path, "--patch", "gone.patch")
+    row = _row(result, "gone.patch")
+    assert row["passed"] == 2
+    assert row["not_run"][0]["test"] == "tests/kernels/test_missing.py"
+    assert "not in this tree" in row["not_run"][0]["reason"]
+
+
+def test_time_limit_interrupts_and_keeps_partial_results(fake, tmp_path):
+    rc, result, _ = _run(fake, tmp_path, "--patch", "slow.patch", "--time-limit", "4")
+    assert rc == testing.EXIT_INTERRUPTED
+    assert result["nodes"]["tests/kernels/test_slow.py::test_fast"] == "passed"
+    # The test the limit cut off is unfinished, not red.
+    assert result["nodes"]["tests/kernels/test_slow.py::test_slow"] == "unfinished"
+    assert result["total"]["error"] == 0 and result["total"]["unfinished"] == 1
+    assert "INTERRUPTED" in result["verdict"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("xdist") is None, reason="needs pytest-xdist"
+)
+def test_xdist_reports_each_test_once(fake, tmp_path):
+    rc, result, _ = _run(fake, tmp_path, "--patch", "one.patch", "-n", "2")
+    assert rc == 1
+    row = _row(result, "one.patch")
+    assert (row["collected"], row["passed"], row["failed"]) == (8, 5, 1)
+
+
+def test_base_runs_in_a_temporary_worktree(fake, tmp_path):
+    tree, _ = fake
+    rc, result, _ = _run(fake, tmp_path, "--patch", "two.patch", "--base")
+    assert rc == 0
+    row = _row(result, "two.patch")
+    assert row["passed"] == 2  # test_new.py does not exist on base
+    assert any(n["test"] == "tests/kernels/test_new.py" for n in row["not_run"])
+    assert result["rev"] == _git(tree, "rev-parse", "vllm-base").strip()
+    assert _git(tree, "status", "--porcelain") == ""
+    assert len(_git(tree, "worktree", "list").splitlines()) == 1
+
+
+def test_all_moe_and_list(fake, tmp_path, capsys):
+    tree, patches = fake
+    rc = testing.main(
+        ["--tree", str(tree), "--patches", str(patches), "--all-moe", "--list"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "run      tests/kernels    # everything" in out
+    assert "excluded tests/kernels/test_broken.py" in out
+
+
+def test_unknown_patch_and_missing_tree(fake, tmp_path, capsys):
+    tree, patches = fake
+    assert (
+        testing.main(
+            ["--tree", str(tree), "--patches", str(patches), "--patch", "nope"]
+        )
+        == testing.TestSetupError.exit_code
+    )
+    assert "no patch 'nope'" in capsys.readouterr().err
+    with pytest.raises(ToolError):
+        testing.run(testing.argparse.Namespace(tree=tmp_path / "none"))
+
+
+def test_selection_file_round_trip(fake, tmp_path):
+    tree, patches = fake
+    spec = testing.build_spec(patches, device="cuda")
+    sel = tmp_path / "selection.json"
+    sel.write_text(json.dumps(spec))
+    rc = testing.main(
+        [
+            "--tree",
+            str(tree),
+            "--selection",
+            str(sel),
+            "--device",
+            "cpu",
+            "--patch",
+            "broken.patch",
+            "-q",
+            "--allow-empty",
+        ]
+    )
+    assert rc == 0  # cpu exclusions taken from the file's exclude_by_device
+
+
+def test_compare_finds_regressions():
+    base = {"nodes": {"a": "passed", "b": "failed", "c": "passed", "d": "passed"}}
+    patched = {
+        "nodes": {
+            "a": "failed",
+            "b": "failed",
+            "c": "skipped",
+            "d": "passed",
+            "e": "error",
+            "f": "unfinished",
+        }
+    }
+    base["nodes"]["f"] = "passed"
+    c = testing.compare(base, patched)
+    assert c["regressions"] == ["a"]
+    assert c["red_on_both"] == ["b"]
+    assert c["passed_on_base_skipped_patched"] == ["c"]
+    assert c["red_only_in_patched_new_tests"] == ["e"]
+    assert c["passed_on_base_unfinished_patched"] == ["f"]
+
+
+def test_no_torch_at_import():
+    code = "import sys, moepatch.testing, moepatch.precompiled; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [testing.sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "False"
+
+
+# --------------------------------------------------------------------------
+# precompiled
+# --------------------------------------------------------------------------
+
+
+def _fake_wheel(tmp_path: Path) -> Path:
+    wheel = tmp_path / precompiled.wheel_filename("9.9.9")
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for m in precompiled.DEFAULT_MODULES:
+            zf.writestr(m, b"\x7fELF fake " + m.encode())
+    return wheel
+
+
+def test_place_modules_into_tree_keeps_it_clean(fake, tmp_path, monkeypatch):
+    tree, _ = fake
+    monkeypatch.setenv("VLLM_MOE_PATCHES_CACHE", str(tmp_path / "cache"))
+    (tree / ".gitignore").write_text("")  # prove info/exclude does the work
+    _git(tree, "commit", "-qam", "no ignore")
+    placed = precompiled.place_modules(tree, "9.9.9", wheel=_fake_wheel(tmp_path))
+    assert set(placed.copied) == set(precompiled.DEFAULT_MODULES)
+    for m in precompiled.DEFAULT_MODULES:
+        assert (tree / m).read_bytes().startswith(b"\x7fELF fake")
+    assert _git(tree, "status", "--porcelain") == ""
+    again = precompiled.place_modules(tree, "9.9.9", wheel=_fake_wheel(tmp_path))
+    assert again.copied == ()
+    exclude = (tree / ".git/info/exclude").read_text()
+    assert exclude.count("/vllm/_moe_C_stable_libtorch.abi3.so") == 1
+
+
+def test_place_modules_refuses_installed_vllm_and_wrong_wheel(tmp_path):
+    site = tmp_path / "lib/python3.12/site-packages"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm/__init__.py").write_text("")
+    with pytest.raises(precompiled.PrecompiledError, match="installed vLLM"):
+        precompiled.place_modules(site, "9.9.9", wheel=_fake_wheel(tmp_path))
+    other = tmp_path / "vllm-1.0-py3-none-any.whl"
+    other.write_bytes(b"")
+    with pytest.raises(precompiled.PrecompiledError, match="release wheel"):
+        precompiled.fetch_wheel("9.9.9", other)
+
+
+# --------------------------------------------------------------------------
+# ci/device_bundle.py: fatbin trimming
+# --------------------------------------------------------------------------
+
+
+def _load_bundle_module():
+    spec = importlib.util.spec_from_file_location(
+        "device_bundle", REPO / "ci/device_bundle.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _entry(kind: int, arch: int, payload: bytes) -> bytes:
+    head = bytearray(64)
+    struct.pack_into("<HHIQ", head, 0, kind, 0x101, 64, len(payload))
+    struct.pack_into("<I", head, 28, arch)
+    return bytes(head) + payload
+
+
+def _container(*entries: bytes) -> bytes:
+    body = b"".join(entries)
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
+
+
+def _elf_with_section(name: str, content: bytes) -> bytearray:
+    names = b"\0" + name.encode() + b"\0.shstrtab\0"
+    data_off = 64
+    str_off = data_off + len(content)
+    sh_off = (str_off + len(names) + 7) // 8 * 8
+    elf = bytearray(sh_off + 3 * 64)
+    elf[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", elf, 0x28, sh_off)
+    struct.pack_into("<HHH", elf, 0x3A, 64, 3, 2)
+    elf[data_off:str_off] = content
+    elf[str_off : str_off + len(names)] = names
+    struct.pack_into("<IIQQQQ", elf, sh_off + 64, 1, 1, 0, 0, data_off, len(content))
+    struct.pack_into(
+        "<IIQQQQ", elf, sh_off + 128, 2 + len(name), 3, 0, 0, str_off, len(names)
+    )
+    return elf
+
+
+def test_strip_fatbin_keeps_sm90_or_newest_ptx():
+    db = _load_bundle_module()
+    c1 = _container(
+        _entry(2, 80, b"A" * 16),
+        _entry(2, 90, b"B" * 16),
+        _entry(2, 100, b"C" * 16),
+        _entry(1, 90, b"P" * 16),
+    )
+    c2 = _container(
+        _entry(2, 100, b"D" * 16),
+        _entry(1, 80, b"E" * 16),
+        _entry(1, 75, b"F" * 16),
+        _entry(1, 100, b"G" * 16),
+    )
+    c3 = _container(_entry(2, 120, b"H" * 16))
+    elf = _elf_with_section(".nv_fatbin", c1 + c2 + c3)
+    before = bytes(elf)
+    stats = db.strip_fatbin(elf, 90)
+    assert len(elf) == len(before)
+    assert (
+        stats["containers"] == 3
+        and stats["ptx_fallback"] == 1
+        and stats["no_image"] == 1
+    )
+    kept = {p for p in b"ABCDEFGHP" if bytes([p]) * 16 in elf}
+    assert kept == set(b"BE")  # sm_90 cubin; compute_80 PTX where no sm_90 cubin
+    # headers untouched: the layout parses the same
+    assert [
+        e[:5] for e in db.fatbin_entries(elf, *db.elf_section(elf, ".nv_fatbin"))
+    ] == [
+        e[:5] for e in db.fatbin_entries(before, *db.elf_section(before, ".nv_fatbin"))
+    ]
+
+
+def test_device_requirements_never_carry_torch():
+    db = _load_bundle_module()
+    names = [r.split("==")[0].lower() for r in db.read_requirements()]
+    assert names and not [n for n in names if n.startswith(db.FORBIDDEN_WHEELS)]
+    assert len(names) == len(set(names))
+
+
+def test_options_fit_apply_py_parser():
+    """`apply.py test` = configure_parser + apply.py's common options, no clash."""
+    cli = pytest.importorskip("moepatch.cli")
+    parser = testing.argparse.ArgumentParser()
+    testing.configure_parser(parser)
+    if hasattr(cli, "_common"):
+        cli._common(parser)
+    args = parser.parse_args(
+        ["--patch", "x", "--device", "cuda", "-n", "8", "--junit", "j.xml"]
+    )
+    assert args.patch == ["x"] and args.device == "cuda" and args.workers == "8"
+
+
+def test_node_exclusions_use_exact_boundaries(fake, tmp_path):
+    _, patches = fake
+    (patches / "tests.toml").write_text(
+        "[device.cpu]\nexclude = [\n"
+        '  { test = "tests/kernels/test_a.py::test_param", reason = "needs CUDA ops" },\n'
+        '  { test = "tests/kernels/test_a.py::test_pa", reason = "matches nothing" },\n'
+        "]\n"
+    )
+    rc, result, _ = _run(fake, tmp_path, "--patch", "one.patch", "-k", "not fail")
+    assert rc == 0
+    nodes = result["nodes"]
+    assert "tests/kernels/test_a.py::test_pass" in nodes
+    assert not [n for n in nodes if "test_param" in n]
+    reasons = {n["test"]: n["reason"] for n in _row(result, "one.patch")["not_run"]}
+    assert reasons["tests/kernels/test_a.py::test_param"] == "needs CUDA ops"
+
+
+def test_all_reported_but_pytest_hangs_at_exit_is_not_interrupted(fake, tmp_path):
+    tree, _ = fake
+    # a session-finish hang after every test reported (seen with xdist on the GPU)
+    (tree / "conftest.py").write_text(
+        "import time\n\ndef pytest_unconfigure(config):\n    time.sleep(30)\n"
+    )
+    rc, result, _ = _run(
+        fake, tmp_path, "--test", "tests/kernels/test_b.py", "--time-limit", "6"
+    )
+    assert rc == 0, result["verdict"]
+    assert "did not exit" in result["verdict"]
+    assert result["total"]["passed"] == 2
