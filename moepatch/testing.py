@@ -460,10 +460,10 @@ def format_table(result: dict, max_red: int = 40) -> str:
         "",
     ]
     width = max([len(head[0])] + [len(r["name"]) for r in result["groups"]] + [14])
-    lines.append(f"{head[0]:<{width}}" + "".join(f"{h:>10}" for h in head[1:]))
+    lines.append(f"{head[0]:<{width}}" + "".join(f"{h:>11}" for h in head[1:]))
     for r in result["groups"] + [result["total"]]:
         if r is result["total"]:
-            lines.append("-" * (width + 10 * (len(head) - 1)))
+            lines.append("-" * (width + 11 * (len(head) - 1)))
         vals = (
             r["collected"],
             r["passed"],
@@ -474,7 +474,7 @@ def format_table(result: dict, max_red: int = 40) -> str:
             r["unfinished"],
             len(r["not_run"]),
         )
-        lines.append(f"{r['name']:<{width}}" + "".join(f"{v:>10}" for v in vals))
+        lines.append(f"{r['name']:<{width}}" + "".join(f"{v:>11}" for v in vals))
     lines.append("")
     lines.append(
         f"pytest exit {result['pytest_exit']}, {result['duration_s']:.0f} s, "

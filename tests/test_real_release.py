@@ -70,3 +70,21 @@ def test_export_reproduces_patches(built):
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_patched_tree_passes_its_cpu_tests(built, tmp_path):
+    """`apply.py test --device cpu`: every patch's own and upstream tests that run on CPU."""
+    _, _, target, _ = built
+    summary = tmp_path / "cpu.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "apply.py"), "test", "--device", "cpu",
+         "--tree", str(target), "--json", str(summary), "-n", "2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(summary.read_text())
+    assert report["total"]["failed"] == 0 and report["total"]["error"] == 0
+    rows = {row["name"]: row for row in report["groups"]}
+    for patch in read_series(ROOT / "patches"):
+        # Each patch's own tests ran here and passed (none is only skipped).
+        assert rows[patch.name]["passed"] > 0, patch.name
