@@ -48,11 +48,14 @@ def pack(args: argparse.Namespace) -> int:
     tree = Path(args.tree).resolve()
     head = subprocess.run(
         ["git", "-C", str(tree), "rev-parse", "HEAD"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     archive = subprocess.run(
         ["git", "-C", str(tree), "archive", "--format=tar", head, "vllm", BENCH],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     ).stdout
     buf = io.BytesIO(archive)
     with tarfile.open(fileobj=buf, mode="a") as tar:
@@ -80,8 +83,9 @@ def pack(args: argparse.Namespace) -> int:
     (PACK / "so").mkdir(exist_ok=True)
     (PACK / "so" / so.name).write_bytes(so.read_bytes())
     out = PACK / "tree.tar.xz"
-    subprocess.run(["xz", "-T0", "-1", "-c"], input=buf.getvalue(),
-                   stdout=out.open("wb"), check=True)
+    subprocess.run(
+        ["xz", "-T0", "-1", "-c"], input=buf.getvalue(), stdout=out.open("wb"), check=True
+    )
     print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB, tree {head[:12]}")
     return 0
 
@@ -92,14 +96,25 @@ def device(args: argparse.Namespace) -> int:
     site, tree = Path("/tmp/site"), Path("/tmp/gate-tree")
     wheels = sorted(str(p) for p in WHEELS.glob("*.whl"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-         "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
-         *wheels],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(site),
+            *wheels,
+        ],
         check=True,
     )
     tree.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "xJf", str(PACK / "tree.tar.xz"), "-C", str(tree)],
-                   check=True)
+    subprocess.run(["tar", "xJf", str(PACK / "tree.tar.xz"), "-C", str(tree)], check=True)
     fa3 = tree / "vllm" / "vllm_flash_attn"
     if fa3.is_dir():
         # The wheel's FA3 extension is not carried; an empty module lets the
@@ -110,26 +125,27 @@ def device(args: argparse.Namespace) -> int:
             subprocess.run(["xz", "-dc", str(so)], stdout=f, check=True)
     env = dict(os.environ, PYTHONPATH=f"{tree}:{site}", PYTHONUNBUFFERED="1")
     raw = out / "gate-bench-raw.json"
-    cmd = [sys.executable, BENCH, "--json", str(raw), "--csv",
-           str(out / "gate-bench-raw.csv")]
+    cmd = [sys.executable, BENCH, "--json", str(raw), "--csv", str(out / "gate-bench-raw.csv")]
     if args.num_tokens:
         cmd += ["--num-tokens", *map(str, args.num_tokens)]
     subprocess.run(cmd, cwd=tree, env=env, check=True)
     smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,"
-         "clocks.max.mem,power.limit", "--format=csv,noheader"],
-        capture_output=True, text=True,
+        [
+            "nvidia-smi",
+            "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,power.limit",
+            "--format=csv,noheader",
+        ],
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     data = json.loads(raw.read_text())
     tree_meta = tree / "TREE.json"
     data.update(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         nvidia_smi=smi,
         python=sys.version.split()[0],
         tree=json.loads(tree_meta.read_text()) if tree_meta.exists() else None,
-        tree_sha256=hashlib.sha256(
-            (PACK / "tree.tar.xz").read_bytes()).hexdigest(),
+        tree_sha256=hashlib.sha256((PACK / "tree.tar.xz").read_bytes()).hexdigest(),
         command=" ".join(cmd),
     )
     raw.write_text(json.dumps(data, indent=1))
@@ -154,24 +170,28 @@ def check_bar(data: dict) -> list[str]:
         lines.append(
             f"{'PASS' if pct >= 90 else 'FAIL'}: >= 90% of copy bandwidth for "
             f"N >= 4096, {what} (worst {pct:.1f}% at N={worst['num_tokens']}, "
-            f"K={worst['K']}; {same:.0f}% of a same-size copy)")
+            f"K={worst['K']}; {same:.0f}% of a same-size copy)"
+        )
     speed = min(rows, key=lambda r: r["eager_graph_us"] / r["fused_graph_us"])
     s = speed["eager_graph_us"] / speed["fused_graph_us"]
     lines.append(
         f"{'PASS' if s >= 1.6 else 'FAIL'}: >= 1.6x eager under CUDA graphs "
-        f"(worst {s:.2f}x at N={speed['num_tokens']}, K={speed['K']})")
+        f"(worst {s:.2f}x at N={speed['num_tokens']}, K={speed['K']})"
+    )
     for mode in ("_graph", ""):
-        slow = [r for r in rows
-                if r[f"fused{mode}_us"] > r[f"compile{mode}_us"]]
+        slow = [r for r in rows if r[f"fused{mode}_us"] > r[f"compile{mode}_us"]]
         what = "CUDA graph" if mode else "plain"
         where = ", ".join(
             f"N={r['num_tokens']},K={r['K']}: {r[f'fused{mode}_us']:.1f} vs "
             f"{r[f'compile{mode}_us']:.1f} us (p20 {r[f'fused{mode}_p20_us']:.1f})"
-            if not mode else f"N={r['num_tokens']},K={r['K']}"
-            for r in slow)
+            if not mode
+            else f"N={r['num_tokens']},K={r['K']}"
+            for r in slow
+        )
         lines.append(
             f"{'PASS' if not slow else 'FAIL'}: never slower than torch.compile"
-            f" ({what}){': ' + where if slow else ''}")
+            f" ({what}){': ' + where if slow else ''}"
+        )
     return lines
 
 
@@ -209,7 +229,8 @@ def report(args: argparse.Namespace) -> int:
             f"{r['fused_graph_us']:.1f} | "
             f"{r['eager_graph_us'] / r['fused_graph_us']:.2f}x | "
             f"{r['fused_bw_pct']:.0f}% | {r['fused_graph_bw_pct']:.0f}% | "
-            f"{r['copy_same_us']:.1f} / {r['copy_same_graph_us']:.1f} |")
+            f"{r['copy_same_us']:.1f} / {r['copy_same_graph_us']:.1f} |"
+        )
     md += ["", *(f"- {line}" for line in bar), ""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(md))
 
@@ -223,27 +244,29 @@ def report(args: argparse.Namespace) -> int:
         rows = [r for r in data["rows"] if r["K"] == K]
         n = [r["num_tokens"] for r in rows]
         ax_t, ax_b = axes[0][col], axes[1][col]
-        for p, color in (("eager", "tab:blue"), ("compile", "tab:green"),
-                         ("fused", "tab:red")):
-            ax_t.plot(n, [r[f"{p}_us"] for r in rows], "-o", color=color,
-                      label=f"{p} (plain)")
-            ax_t.plot(n, [r[f"{p}_graph_us"] for r in rows], "--s",
-                      color=color, label=f"{p} (CUDA graph)")
-            ax_b.plot(n, [r[f"{p}_graph_bw_pct"] for r in rows], "-o",
-                      color=color, label=f"{p} (CUDA graph)")
-            ax_b.plot(n, [r[f"{p}_bw_pct"] for r in rows], ":", color=color,
-                      label=f"{p} (plain)")
-        ax_t.set(xscale="log", yscale="log", ylabel="time (µs)",
-                 title=f"K = H = {K}")
+        for p, color in (("eager", "tab:blue"), ("compile", "tab:green"), ("fused", "tab:red")):
+            ax_t.plot(n, [r[f"{p}_us"] for r in rows], "-o", color=color, label=f"{p} (plain)")
+            ax_t.plot(
+                n, [r[f"{p}_graph_us"] for r in rows], "--s", color=color, label=f"{p} (CUDA graph)"
+            )
+            ax_b.plot(
+                n,
+                [r[f"{p}_graph_bw_pct"] for r in rows],
+                "-o",
+                color=color,
+                label=f"{p} (CUDA graph)",
+            )
+            ax_b.plot(n, [r[f"{p}_bw_pct"] for r in rows], ":", color=color, label=f"{p} (plain)")
+        ax_t.set(xscale="log", yscale="log", ylabel="time (µs)", title=f"K = H = {K}")
         ax_b.axhline(90, color="gray", ls=":", label="90% bar")
-        ax_b.set(xscale="log", xlabel="tokens N",
-                 ylabel="% of 1 GiB copy bandwidth", ylim=(0, 110))
+        ax_b.set(xscale="log", xlabel="tokens N", ylabel="% of 1 GiB copy bandwidth", ylim=(0, 110))
         ax_t.grid(True, which="both", alpha=0.3)
         ax_b.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    fig.suptitle(f"fused shared-expert gate, bf16, {data['device']} "
-                 f"(copy ceiling {copy_tbs:.2f} TB/s)")
+    fig.suptitle(
+        f"fused shared-expert gate, bf16, {data['device']} (copy ceiling {copy_tbs:.2f} TB/s)"
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / f"{NAME}.png", dpi=110)
     print("\n".join(bar))
@@ -258,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wheel", help="release wheel (its dist-info is carried)")
     p.add_argument(
         "--so",
-        default=str(REPO / ".device" / "bundle" / "so" / "vllm"
-                    / "_C_stable_libtorch.abi3.so.xz"),
+        default=str(REPO / ".device" / "bundle" / "so" / "vllm" / "_C_stable_libtorch.abi3.so.xz"),
         help="sm_90-stripped _C module (xz), from ci/device_bundle.py build",
     )
     p.set_defaults(func=pack)

@@ -459,9 +459,7 @@ class Worker:
         weights from HBM as it does in a model whose other layers evict them.
         """
         torch = self.torch
-        if getattr(self, "_flush", None) is None or self._flush.numel() != (
-            flush_mb << 20
-        ):
+        if getattr(self, "_flush", None) is None or self._flush.numel() != (flush_mb << 20):
             self._flush = torch.empty(flush_mb << 20, dtype=torch.int8, device="cuda")
         t0 = time.perf_counter()
         k = 0
@@ -480,7 +478,7 @@ class Worker:
             fn()
             ends[i].record()
         self._sync()
-        return [a.elapsed_time(b) * 1000.0 for a, b in zip(starts, ends)]
+        return [a.elapsed_time(b) * 1000.0 for a, b in zip(starts, ends, strict=False)]
 
     def time(
         self,
@@ -540,9 +538,7 @@ class Worker:
                 for _ in range(3):
                     fn()
                 self._sync()
-                with profile(
-                    activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]
-                ) as prof:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     fn()
                     self._sync()
                 kernels, stream_note = self._device_events(prof, DeviceType)
@@ -877,7 +873,7 @@ def summarize_rows(rows: list[dict], floor_pct: float = 0.0) -> None:
             if not b:
                 continue
             bm, pm = statistics.median(b), statistics.median(p)
-            ratios = [x / y for x, y in zip(b, p)]
+            ratios = [x / y for x, y in zip(b, p, strict=False)]
             noise = max(abs(x / bm - 1) for x in b) * 100
             pnoise = max(abs(x / pm - 1) for x in p) * 100
             spread = max(noise, floor_pct)
@@ -960,10 +956,7 @@ def run_main(args: argparse.Namespace) -> int:
         "what": "vLLM Qwen sparse-MoE block forward, base vs patched tree (issue 9)",
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": _versions(),
-        "trees": {
-            k: {"path": str(v), "rev": revs[k], **tree_digest(v)}
-            for k, v in trees.items()
-        },
+        "trees": {k: {"path": str(v), "rev": revs[k], **tree_digest(v)} for k, v in trees.items()},
         "patched_changed": manifest.get("trees", {}).get("patched_changed"),
         "settings": {
             "rounds": args.rounds,
@@ -994,9 +987,7 @@ def run_main(args: argparse.Namespace) -> int:
             "max(noise_pct, |aa_ratio - 1|, spread_floor); ratio_min/max = "
             "per-round base/patched",
             "spread_floor": args.spread_floor,
-            "env": {
-                k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "CUDA_"))
-            },
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "CUDA_"))},
         },
         "configs": {c: CONFIGS[c] for c in configs},
         "build": {},
@@ -1088,9 +1079,7 @@ def run_main(args: argparse.Namespace) -> int:
                 prof = result["profiles"][name] = {}
                 for label in ("base", "patched"):
                     try:
-                        prof[label] = workers[label].call(
-                            "profile", name=name, n=1, seed=args.seed
-                        )
+                        prof[label] = workers[label].call("profile", name=name, n=1, seed=args.seed)
                     except RuntimeError as e:  # keep the timings if it fails
                         prof[label] = {"error": str(e)[-2000:]}
             for w in workers.values():
@@ -1195,9 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time a second base worker (base vs base across processes)",
     )
-    m = sub.add_parser(
-        "summarize", help="recompute medians/spread/verdict of a layers.json (here)"
-    )
+    m = sub.add_parser("summarize", help="recompute medians/spread/verdict of a layers.json (here)")
     m.add_argument("json")
     m.add_argument("--spread-floor", type=float, default=1.0)
     w = sub.add_parser("worker", help="internal: one tree's worker")

@@ -194,10 +194,7 @@ def reference_moe(x, w1, w2, topk_weights, topk_ids) -> torch.Tensor:
         h = torch.einsum("mk,mnk->mn", x.float(), w1[e].float())
         n = h.size(-1) // 2
         a = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
-        out += (
-            torch.einsum("mn,mkn->mk", a, w2[e].float())
-            * topk_weights[:, j : j + 1].float()
-        )
+        out += torch.einsum("mn,mkn->mk", a, w2[e].float()) * topk_weights[:, j : j + 1].float()
     return out
 
 
@@ -254,9 +251,9 @@ def run_case(
     w1 = torch.randn(E, 2 * N, K, dtype=dtype, device=device) / 32
     w2 = torch.randn(E, K, N, dtype=dtype, device=device) / 32
     topk_weights = torch.rand(M, topk, dtype=torch.float32, device=device)
-    topk_ids = torch.stack(
-        [torch.randperm(E, device=device)[:topk] for _ in range(M)]
-    ).to(torch.int32)
+    topk_ids = torch.stack([torch.randperm(E, device=device)[:topk] for _ in range(M)]).to(
+        torch.int32
+    )
 
     def forward() -> torch.Tensor:
         return kernel.apply(
@@ -362,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print(" | ".join(f"{c:>13}" for c in cols))
     for row in rows:
         cells = [
-            f"{row[c]:>13.3g}" if isinstance(row[c], float) else f"{row[c]!s:>13}"
-            for c in cols
+            f"{row[c]:>13.3g}" if isinstance(row[c], float) else f"{row[c]!s:>13}" for c in cols
         ]
         print(" | ".join(cells))
     with open(args.out, "w") as f:

@@ -260,9 +260,7 @@ def pack_trees(tree: Path, out: Path, base_rev: str, head_rev: str) -> dict:
     for line in diff.splitlines():
         status, path = line.split("\t", 1)
         (deleted if status.startswith("D") else changed).append(path)
-    info["patched_bytes"] = tree_tar(
-        tree, head_rev, out / "trees" / "patched.tar.xz", changed
-    )
+    info["patched_bytes"] = tree_tar(tree, head_rev, out / "trees" / "patched.tar.xz", changed)
     (out / "trees" / "patched.deleted").write_text("".join(p + "\n" for p in deleted))
     info["patched_changed"] = changed
     info["patched_deleted"] = deleted
@@ -290,9 +288,7 @@ def pack_modules(wheel: Path, out: Path, modules: tuple[str, ...], arch: int) ->
             stats["bytes"] = len(data)
             stats["xz_bytes"] = dest.stat().st_size
             info["modules"][m] = stats
-        dist = [
-            n for n in zf.namelist() if ".dist-info/" in n and not n.endswith("RECORD")
-        ]
+        dist = [n for n in zf.namelist() if ".dist-info/" in n and not n.endswith("RECORD")]
         for n in dist:
             dest = so_dir / n
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -37,9 +37,7 @@ def _span(prof: dict) -> str:
     if g.get("span_us") is None:
         return "-"
     ends = [v["last_end_us"] for v in (g.get("streams") or {}).values()]
-    tail = (
-        f" (streams end {', '.join(f'{e:.1f}' for e in ends)})" if len(ends) > 1 else ""
-    )
+    tail = f" (streams end {', '.join(f'{e:.1f}' for e in ends)})" if len(ends) > 1 else ""
     return f"{g['span_us']:.1f}{tail}"
 
 
@@ -87,8 +85,7 @@ def write_md(res: dict, path: Path) -> None:
             f"Times in µs, median of {s.get('rounds', '?')} rounds (base and "
             "patched alternated, ABBA), each round the median of "
             + (
-                f"{s.get('calls_graph')} (graph) / {s.get('calls_eager')} (eager) "
-                "single calls"
+                f"{s.get('calls_graph')} (graph) / {s.get('calls_eager')} (eager) single calls"
                 if s.get("flush_mb")
                 else f"{s.get('reps', '?')} CUDA-event timed loops"
             )
@@ -148,10 +145,7 @@ def write_md(res: dict, path: Path) -> None:
                 "structure, not timing):"
             ),
             "",
-            (
-                "| block | base | patched | graph N=1 device span base / patched "
-                "(µs) | difference |"
-            ),
+            ("| block | base | patched | graph N=1 device span base / patched (µs) | difference |"),
             "|---|---:|---:|---:|---|",
         ]
         for name, prof in profiles.items():
@@ -163,9 +157,7 @@ def write_md(res: dict, path: Path) -> None:
             )
     vd = res.get("verdict", {})
     if vd:
-        sp = ", ".join(
-            f"{k} {x:.3f}x" for k, x in vd.get("bar_speedup_graph_n1", {}).items()
-        )
+        sp = ", ".join(f"{k} {x:.3f}x" for k, x in vd.get("bar_speedup_graph_n1", {}).items())
         slower = ", ".join(vd.get("slower_beyond_spread", []))
         lines += [
             "",
@@ -184,8 +176,7 @@ def write_md(res: dict, path: Path) -> None:
     if res.get("partial"):
         lines += [
             "",
-            "**Partial result** (the run stopped early): "
-            + str(res.get("error", ""))[-300:],
+            "**Partial result** (the run stopped early): " + str(res.get("error", ""))[-300:],
         ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -199,7 +190,7 @@ def write_png(res: dict, path: Path) -> None:
     rows = [r for r in res.get("rows", []) if r.get("graph") and r.get("eager")]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
-    for ax, mode in zip(axes, ("graph", "eager")):
+    for ax, mode in zip(axes, ("graph", "eager"), strict=False):
         for name in configs:
             rs = sorted((r for r in rows if r["config"] == name), key=lambda r: r["n"])
             ns = [r["n"] for r in rs]
@@ -220,9 +211,7 @@ def write_png(res: dict, path: Path) -> None:
             ax.axhline(BAR_SPEEDUP, color="r", lw=0.8, ls="--", label="bar (N=1)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens N")
-        ax.set_title(
-            "CUDA-graph replay" if mode == "graph" else "eager (host-dispatch bound)"
-        )
+        ax.set_title("CUDA-graph replay" if mode == "graph" else "eager (host-dispatch bound)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("speed-up base / patched (>1: patched faster)")
     axes[0].legend(fontsize=8)

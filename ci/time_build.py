@@ -23,8 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def timed(args: list[str], env: dict[str, str]) -> float:
     start = time.monotonic()
-    subprocess.run([sys.executable, str(ROOT / "apply.py"), *args], env=env, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "apply.py"), *args],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.monotonic() - start
 
 
@@ -45,11 +49,15 @@ def main() -> int:
         }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    result.update({
-        "source": args.source,
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"),
-    })  # fmt: skip
+    result.update(
+        {
+            "source": args.source,
+            "machine": (
+                f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+            ),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

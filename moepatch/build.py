@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import git
-
 from . import gitutil, logger
 from .errors import ConflictError, LockedError, TargetError
 from .pin import Pin
@@ -132,9 +130,16 @@ def _am(target: Path, patch: Patch, scratch: Path) -> tuple[bool, str]:
     mbox.write_bytes(with_filename_trailer(patch))
     env = gitutil.env_for(gitutil.COMMITTER)
     status, out, err = gitutil.run(
-        target, "am", "-q", "--keep", "--3way", "--committer-date-is-author-date",
-        str(mbox), env=env, check=False,
-    )  # fmt: skip
+        target,
+        "am",
+        "-q",
+        "--keep",
+        "--3way",
+        "--committer-date-is-author-date",
+        str(mbox),
+        env=env,
+        check=False,
+    )
     return status == 0, (out + "\n" + err).strip()
 
 
@@ -163,8 +168,16 @@ def _save_local_work(target: Path, state: State | None) -> list[str]:
         saved.append(ref)
     if gitutil.dirty_paths(target):
         env = gitutil.env_for(gitutil.COMMITTER)
-        gitutil.run(target, "stash", "push", "-q", "--include-untracked", "-m",
-                    "saved by apply.py --force", env=env)  # fmt: skip
+        gitutil.run(
+            target,
+            "stash",
+            "push",
+            "-q",
+            "--include-untracked",
+            "-m",
+            "saved by apply.py --force",
+            env=env,
+        )
         ref = f"{BACKUP_REFS}/{stamp}-worktree"
         gitutil.run(target, "update-ref", ref, "refs/stash")
         gitutil.run(target, "stash", "drop", "-q")
@@ -258,8 +271,13 @@ def build(
         base = resolve_base(pin, source)
         logger.info("base: %s", base.description)
         _prepare_repo(target, base)
-        new_state = _apply_series(target, base, patches, print_, had_build=bool(
-            state and state.complete and gitutil.rev(target, BRANCH)))  # fmt: skip
+        new_state = _apply_series(
+            target,
+            base,
+            patches,
+            print_,
+            had_build=bool(state and state.complete and gitutil.rev(target, BRANCH)),
+        )
         return BuildResult(target, new_state, False, time.monotonic() - start, backups)
 
 

@@ -48,14 +48,21 @@ COMMANDS = {
 
 def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options")
-    group.add_argument("--pin", type=Path, default=ROOT / "vllm.pin",
-                       help="the pin file (default: %(default)s)")  # fmt: skip
-    group.add_argument("--patches", type=Path, default=ROOT / "patches",
-                       help="the patch directory holding `series` (default: %(default)s)")  # fmt: skip
-    group.add_argument("--cache-dir", type=Path,
-                       help="cache for downloads and bases (sets VLLM_MOE_PATCHES_CACHE)")  # fmt: skip
-    group.add_argument("-v", "--verbose", action="count", default=0,
-                       help="say more (-vv: every git command)")  # fmt: skip
+    group.add_argument(
+        "--pin", type=Path, default=ROOT / "vllm.pin", help="the pin file (default: %(default)s)"
+    )
+    group.add_argument(
+        "--patches",
+        type=Path,
+        default=ROOT / "patches",
+        help="the patch directory holding `series` (default: %(default)s)",
+    )
+    group.add_argument(
+        "--cache-dir", type=Path, help="cache for downloads and bases (sets VLLM_MOE_PATCHES_CACHE)"
+    )
+    group.add_argument(
+        "-v", "--verbose", action="count", default=0, help="say more (-vv: every git command)"
+    )
     group.add_argument("-q", "--quiet", action="store_true", help="only errors")
 
 
@@ -114,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}))
         return e.exit_code
     except git.GitCommandError as e:
-        print(f"error: git failed: {' '.join(map(str, e.command))}: "
-              f"{str(e.stderr).strip()}", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: git failed: {' '.join(map(str, e.command))}: {str(e.stderr).strip()}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

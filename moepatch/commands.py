@@ -39,16 +39,22 @@ sources:
 
 
 def _target_arg(parser) -> None:
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET,
-                        help="the built tree (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--target", type=Path, default=DEFAULT_TARGET, help="the built tree (default: %(default)s)"
+    )
 
 
 def configure_apply(parser) -> None:
-    parser.add_argument("--source", default="auto", metavar="auto|git|sdist|PATH",
-                        help="where the pristine release comes from (default: auto)")  # fmt: skip
+    parser.add_argument(
+        "--source",
+        default="auto",
+        metavar="auto|git|sdist|PATH",
+        help="where the pristine release comes from (default: auto)",
+    )
     _target_arg(parser)
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild over local work, keeping it on backup refs")  # fmt: skip
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild over local work, keeping it on backup refs"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON result")
 
 
@@ -58,14 +64,27 @@ def run_apply(args) -> int:
     result = build(pin, args.pin.read_bytes(), patches, args.target, args.source, args.force)
     state = result.state
     if args.json:
-        print(json.dumps({
-            "ok": True, "noop": result.noop, "target": str(result.target),
-            "seconds": round(result.seconds, 3), "base": state.base, "source": state.source,
-            "head": state.head, "applied": state.applied, "backups": result.backups,
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "noop": result.noop,
+                    "target": str(result.target),
+                    "seconds": round(result.seconds, 3),
+                    "base": state.base,
+                    "source": state.source,
+                    "head": state.head,
+                    "applied": state.applied,
+                    "backups": result.backups,
+                },
+                indent=2,
+            )
+        )
     elif result.noop:
-        print(f"{result.target}: up to date ({len(state.applied)} patches on "
-              f"vLLM {pin.version}; nothing to do, {result.seconds:.2f} s)")  # fmt: skip
+        print(
+            f"{result.target}: up to date ({len(state.applied)} patches on "
+            f"vLLM {pin.version}; nothing to do, {result.seconds:.2f} s)"
+        )
     else:
         for saved in result.backups:
             print(f"kept local work: {saved}")
@@ -88,9 +107,7 @@ def run_status(args) -> int:
     applied = {a["name"]: a["commit"] for a in (state.applied if state else [])}
     from .build import fingerprint
 
-    current = state is not None and state.fingerprint == fingerprint(
-        args.pin.read_bytes(), patches
-    )
+    current = state is not None and state.fingerprint == fingerprint(args.pin.read_bytes(), patches)
     rows = []
     for p in patches:
         if state and state.failed == p.name:
@@ -101,27 +118,41 @@ def run_status(args) -> int:
             word = "stale"  # applied from an older version of the file or pin
         else:
             word = "pending"
-        rows.append({"name": p.name, "state": word, "commit": applied.get(p.name),
-                     "status": p.status, "upstream": p.upstream,
-                     "related": p.trailers.get("Related", []),
-                     "subject": p.subject})  # fmt: skip
+        rows.append(
+            {
+                "name": p.name,
+                "state": word,
+                "commit": applied.get(p.name),
+                "status": p.status,
+                "upstream": p.upstream,
+                "related": p.trailers.get("Related", []),
+                "subject": p.subject,
+            }
+        )
     info = {
-        "pin": {"version": pin.version, "tag": pin.tag, "commit": pin.commit,
-                "sdist": pin.sdist_filename, "sha256": pin.sdist_sha256},
+        "pin": {
+            "version": pin.version,
+            "tag": pin.tag,
+            "commit": pin.commit,
+            "sdist": pin.sdist_filename,
+            "sha256": pin.sdist_sha256,
+        },
         "target": str(args.target),
         "built": state is not None,
         "source": state.source if state else None,
         "base": state.base if state else None,
         "up_to_date": bool(current and state.complete),
         "patches": rows,
-    }  # fmt: skip
+    }
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"pin:    vLLM {pin.version} ({pin.tag}, commit {pin.commit})")
     if state:
-        print(f"tree:   {args.target}, base {state.base[:12]} from {state.source}"
-              f"{'' if info['up_to_date'] else ' (out of date: run apply.py)'}")  # fmt: skip
+        print(
+            f"tree:   {args.target}, base {state.base[:12]} from {state.source}"
+            f"{'' if info['up_to_date'] else ' (out of date: run apply.py)'}"
+        )
     else:
         print(f"tree:   {args.target} not built (run apply.py)")
     width = max((len(r["name"]) for r in rows), default=10)
@@ -132,10 +163,14 @@ def run_status(args) -> int:
 
 def configure_export(parser) -> None:
     _target_arg(parser)
-    parser.add_argument("--range", dest="revision_range",
-                        help=f"commits to export (default: {BASE_TAG}..{BRANCH})")  # fmt: skip
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 10 if patches/ differs from the tree")  # fmt: skip
+    parser.add_argument(
+        "--range", dest="revision_range", help=f"commits to export (default: {BASE_TAG}..{BRANCH})"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 10 if patches/ differs from the tree",
+    )
 
 
 EXPORT_DOC = """\
@@ -174,8 +209,12 @@ reproduces patches/ byte for byte (exit 10 when it does not).
 
 
 def configure_check(parser) -> None:
-    parser.add_argument("--source", default="auto", metavar="auto|git|sdist|PATH",
-                        help="where the pristine release comes from (default: auto)")  # fmt: skip
+    parser.add_argument(
+        "--source",
+        default="auto",
+        metavar="auto|git|sdist|PATH",
+        help="where the pristine release comes from (default: auto)",
+    )
 
 
 def run_check(args) -> int:

@@ -16,9 +16,16 @@ from .build import BASE_TAG, BRANCH, FILENAME_TRAILER
 from .errors import DriftError, ToolError
 
 FORMAT_PATCH = (
-    "format-patch", "--zero-commit", "--full-index", "--no-signature", "--no-stat",
-    "--keep-subject", "--no-numbered", "--no-cover-letter", "--encode-email-headers",
-)  # fmt: skip
+    "format-patch",
+    "--zero-commit",
+    "--full-index",
+    "--no-signature",
+    "--no-stat",
+    "--keep-subject",
+    "--no-numbered",
+    "--no-cover-letter",
+    "--encode-email-headers",
+)
 _TRAILER_LINE = re.compile(rf"^{FILENAME_TRAILER}: (\S+)\n", re.M)
 
 

@@ -188,9 +188,7 @@ def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
     if not sha:
         raise VerifyError(f"{f.filename}: the index gives no sha256 and none was pinned")
     if f.sha256 and f.sha256.lower() != sha:
-        raise VerifyError(
-            f"{f.filename}: the index lists sha256 {f.sha256}, the pin says {sha}"
-        )
+        raise VerifyError(f"{f.filename}: the index lists sha256 {f.sha256}, the pin says {sha}")
     dest = cache_root() / "downloads" / sha / f.filename
     if dest.is_file() and sha256_file(dest) == sha:
         logger.debug("cache hit: %s", dest)
@@ -212,9 +210,7 @@ def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
                     received += len(chunk)
                     bar.update(len(chunk))
         if total is not None and received != total:
-            raise NetworkError(
-                f"{f.filename}: download truncated ({received} of {total} bytes)"
-            )
+            raise NetworkError(f"{f.filename}: download truncated ({received} of {total} bytes)")
         if digest.hexdigest() != sha:
             raise VerifyError(
                 f"{f.filename}: sha256 mismatch (got {digest.hexdigest()}, want {sha})"

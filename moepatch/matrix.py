@@ -146,11 +146,16 @@ def compute(
                     "series": stacked[name][0],
                     "details": {"alone": alone[name][1], "series": stacked[name][1]},
                 }
-            rows.append({
-                "version": rel_pin.version, "pinned": rel_pin.version == pin.version,
-                "sdist": rel_pin.sdist_filename, "sha256": rel_pin.sdist_sha256,
-                "commit": rel_pin.commit, "base": base.commit,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "version": rel_pin.version,
+                    "pinned": rel_pin.version == pin.version,
+                    "sdist": rel_pin.sdist_filename,
+                    "sha256": rel_pin.sdist_sha256,
+                    "commit": rel_pin.commit,
+                    "base": base.commit,
+                }
+            )
             logger.info("tried %d patch(es) on vLLM %s", len(patches), rel_pin.version)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -170,8 +175,10 @@ def _tmp_root() -> Path:
 
 
 def _cell(entry: dict) -> str:
-    return entry["alone"] if entry["alone"] == entry["series"] else (
-        f"{entry['alone']} / {entry['series']}"
+    return (
+        entry["alone"]
+        if entry["alone"] == entry["series"]
+        else (f"{entry['alone']} / {entry['series']}")
     )
 
 
@@ -189,8 +196,7 @@ def format_table(matrix: dict) -> str:
         cells = [_cell(matrix["results"][name][r["version"]]) for r in matrix["releases"]]
         rows.append([name, *cells])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]  # fmt: skip
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n"
 
@@ -212,8 +218,10 @@ def format_markdown(matrix: dict) -> str:
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += ["", LEGEND, "", "Releases (sdists from the package index, sha256-verified):", ""]
     for r in matrix["releases"]:
-        lines.append(f"- {r['version']}: `{r['sdist']}` sha256 `{r['sha256']}`, "
-                     f"upstream commit `{r['commit']}`")  # fmt: skip
+        lines.append(
+            f"- {r['version']}: `{r['sdist']}` sha256 `{r['sha256']}`, "
+            f"upstream commit `{r['commit']}`"
+        )
     problems = []
     for name in matrix["patches"]:
         for r in matrix["releases"]:
@@ -241,18 +249,28 @@ def write(matrix: dict, directory: Path) -> list[Path]:
 # CLI
 # --------------------------------------------------------------------------
 
-MATRIX_DOC = "Show which patch applies to which vLLM release.\n\n" + __doc__.split("\n\n", 1)[1].replace("``", "`")
+MATRIX_DOC = "Show which patch applies to which vLLM release.\n\n" + __doc__.split("\n\n", 1)[
+    1
+].replace("``", "`")
 
 
 def configure_matrix(parser) -> None:
-    parser.add_argument("--releases", metavar="V1,V2,...",
-                        help="comma-separated versions (or sdist paths); default: the "
-                             "pinned release and the two before it on the index")  # fmt: skip
-    parser.add_argument("--source", default="auto", metavar="auto|git|sdist|PATH",
-                        help="where the pinned release comes from (default: auto); "
-                             "other releases come from the index's sdists")  # fmt: skip
-    parser.add_argument("--write", type=Path, metavar="DIR",
-                        help="also write DIR/matrix.json and DIR/matrix.md")  # fmt: skip
+    parser.add_argument(
+        "--releases",
+        metavar="V1,V2,...",
+        help="comma-separated versions (or sdist paths); default: the "
+        "pinned release and the two before it on the index",
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        metavar="auto|git|sdist|PATH",
+        help="where the pinned release comes from (default: auto); "
+        "other releases come from the index's sdists",
+    )
+    parser.add_argument(
+        "--write", type=Path, metavar="DIR", help="also write DIR/matrix.json and DIR/matrix.md"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -169,9 +169,7 @@ def check_tree(tree: Path) -> Path:
     """Refuse anything but a vLLM source tree outside site-packages."""
     tree = Path(tree).resolve()
     if not (tree / "vllm" / "__init__.py").is_file():
-        raise PrecompiledError(
-            f"{tree} is not a vLLM source tree (no vllm/__init__.py)"
-        )
+        raise PrecompiledError(f"{tree} is not a vLLM source tree (no vllm/__init__.py)")
     if {"site-packages", "dist-packages"} & set(tree.parts):
         raise PrecompiledError(
             f"{tree} looks like an installed vLLM; modules go into a built tree only"

@@ -88,10 +88,13 @@ def version_of_tarball(archive: Path) -> tuple[str, str | None]:
     try:
         with tarfile.open(archive, "r:*") as tar:
             member = next(
-                (m for m in tar.getmembers()
-                 if re.fullmatch(r"[^/]+/vllm/_version\.py", m.name) and m.isfile()),
+                (
+                    m
+                    for m in tar.getmembers()
+                    if re.fullmatch(r"[^/]+/vllm/_version\.py", m.name) and m.isfile()
+                ),
                 None,
-            )  # fmt: skip
+            )
             if member is None:
                 raise VerifyError(f"{archive}: no vllm/_version.py; not a vLLM sdist")
             text = tar.extractfile(member).read().decode("utf-8")
@@ -148,9 +151,7 @@ def pin_for_version(version: str, like: Pin) -> Pin:
 
 
 def _tag_of_commit(pin: Pin, commit: str) -> str:
-    status, out, err = gitutil.run(
-        Path.cwd(), "ls-remote", "--tags", pin.repository, check=False
-    )
+    status, out, err = gitutil.run(Path.cwd(), "ls-remote", "--tags", pin.repository, check=False)
     if status != 0:
         raise NetworkError(f"git ls-remote {pin.repository} failed: {err.strip()}")
     for line in out.splitlines():
@@ -176,8 +177,14 @@ def resolve_release(spec: str, like: Pin, source: str = "auto") -> tuple[Pin, Ba
             if not path.name.endswith((".tar.gz", ".tgz")):
                 raise ToolError(f"{path}: not a .tar.gz sdist")
             version, recorded = version_of_tarball(path)
-            pin = Pin(version, f"v{version}", _commit_of(recorded, str(path)),
-                      like.repository, path.name, index.sha256_file(path))  # fmt: skip
+            pin = Pin(
+                version,
+                f"v{version}",
+                _commit_of(recorded, str(path)),
+                like.repository,
+                path.name,
+                index.sha256_file(path),
+            )
             return pin, base_from_path(path, pin)
         if (path / "vllm" / "_version.py").is_file():
             version, recorded = read_version_file(path)
@@ -191,8 +198,14 @@ def resolve_release(spec: str, like: Pin, source: str = "auto") -> tuple[Pin, Ba
             raise VerifyError(f"{path}: no vllm/_version.py; not a vLLM release tree")
         indexed = pin_for_version(version, like)
         commit = _commit_of(recorded, str(path)) if recorded else indexed.commit
-        pin = Pin(version, f"v{version}", commit, like.repository,
-                  indexed.sdist_filename, indexed.sdist_sha256)  # fmt: skip
+        pin = Pin(
+            version,
+            f"v{version}",
+            commit,
+            like.repository,
+            indexed.sdist_filename,
+            indexed.sdist_sha256,
+        )
         return pin, base_from_path(path, pin)
     if _VERSION.match(spec):
         pin = pin_for_version(spec, like)
@@ -202,8 +215,9 @@ def resolve_release(spec: str, like: Pin, source: str = "auto") -> tuple[Pin, Ba
     if _COMMIT.match(spec):
         tag = _tag_of_commit(like, spec)
         pin = pin_for_version(tag, like)
-        pin = Pin(pin.version, tag, spec.lower(), like.repository,
-                  pin.sdist_filename, pin.sdist_sha256)  # fmt: skip
+        pin = Pin(
+            pin.version, tag, spec.lower(), like.repository, pin.sdist_filename, pin.sdist_sha256
+        )
         return pin, base_from_git(pin)
     raise ToolError(f"--to {spec}: not a version, a commit, or an existing path")
 
@@ -229,9 +243,11 @@ def conflict_hunks(repo: Path) -> list[str]:
     status = gitutil.out(repo, "status", "--porcelain=v1", "--untracked-files=no")
     for line in status.splitlines():
         if line[:2] in ("DU", "UD"):
-            hunks.append(f"{line[3:]}: changed by the patch, "
-                         f"{'absent from' if line[:2] == 'DU' else 'deleted by'} "
-                         "the release (modify/delete)")  # fmt: skip
+            hunks.append(
+                f"{line[3:]}: changed by the patch, "
+                f"{'absent from' if line[:2] == 'DU' else 'deleted by'} "
+                "the release (modify/delete)"
+            )
     names = gitutil.out(repo, "diff", "--name-only", "--diff-filter=U")
     for name in names.splitlines():
         try:
@@ -261,9 +277,16 @@ def apply_mbox(repo: Path, mbox: Path, keep_conflict: bool = False) -> Outcome:
             return Outcome(UPSTREAMED, [why])
     head = gitutil.rev(repo, "HEAD")
     status, out, err = gitutil.run(
-        repo, "am", "-q", "--keep", "--3way", "--committer-date-is-author-date",
-        str(mbox), env=gitutil.env_for(gitutil.COMMITTER), check=False,
-    )  # fmt: skip
+        repo,
+        "am",
+        "-q",
+        "--keep",
+        "--3way",
+        "--committer-date-is-author-date",
+        str(mbox),
+        env=gitutil.env_for(gitutil.COMMITTER),
+        check=False,
+    )
     if status != 0:
         details = describe_conflict(repo, out + "\n" + err) + conflict_hunks(repo)
         details = [d for d in details if d != "Failed to merge in the changes."]
@@ -652,9 +675,14 @@ def abort(work: Path) -> RebaseState:
 
 def range_diff(work: Path) -> str:
     return gitutil.out(
-        work, "range-diff", "--no-color", "--creation-factor=95",
-        f"{OLD_BASE}..{OLD_BRANCH}", f"{NEW_BASE}..{NEW_BRANCH}", strip=False,
-    )  # fmt: skip
+        work,
+        "range-diff",
+        "--no-color",
+        "--creation-factor=95",
+        f"{OLD_BASE}..{OLD_BRANCH}",
+        f"{NEW_BASE}..{NEW_BRANCH}",
+        strip=False,
+    )
 
 
 def report_rows(state: RebaseState) -> list[dict]:
@@ -663,8 +691,15 @@ def report_rows(state: RebaseState) -> list[dict]:
         word = e.status or "pending"
         if e.status == UPSTREAMED and e.dropped:
             word = "upstreamed, dropped"
-        rows.append({"name": e.name, "result": word, "old_commit": e.old_commit,
-                     "new_commit": e.new_commit, "details": e.details})  # fmt: skip
+        rows.append(
+            {
+                "name": e.name,
+                "result": word,
+                "old_commit": e.old_commit,
+                "new_commit": e.new_commit,
+                "details": e.details,
+            }
+        )
     return rows
 
 
@@ -672,64 +707,105 @@ def report_rows(state: RebaseState) -> list[dict]:
 # CLI
 # --------------------------------------------------------------------------
 
-REBASE_DOC = "Move the series to another vLLM release (3-way replay, resumable).\n\n" + __doc__.split("\n\n", 1)[1].replace("``", "`")
+REBASE_DOC = (
+    "Move the series to another vLLM release (3-way replay, resumable).\n\n"
+    + __doc__.split("\n\n", 1)[1].replace("``", "`")
+)
 
 
 def configure_rebase(parser) -> None:
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--to", metavar="VERSION|COMMIT|PATH",
-                      help="the vLLM release to move to: a version on the index "
-                           "(0.32.0), a release commit of the pin's repository, or "
-                           "a local sdist tarball / release tree / checkout")  # fmt: skip
-    what.add_argument("--continue", dest="cont", action="store_true",
-                      help="go on after resolving a conflict (or an interruption)")  # fmt: skip
-    what.add_argument("--skip", action="store_true",
-                      help="drop the conflicting patch (or every upstreamed one) "
-                           "and go on")  # fmt: skip
-    what.add_argument("--abort", action="store_true",
-                      help="stop; restore vllm.pin and patches/, remove the work tree")  # fmt: skip
-    parser.add_argument("--drop", action="append", default=[], metavar="NAME",
-                        help="drop this patch from the series (repeatable)")  # fmt: skip
-    parser.add_argument("--source", default="auto", metavar="auto|git|sdist|PATH",
-                        help="where the current pinned release comes from, as for "
-                             "apply; also how a --to VERSION is fetched "
-                             "(default: auto)")  # fmt: skip
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
-                        help="the rebase work tree (default: %(default)s)")  # fmt: skip
+    what.add_argument(
+        "--to",
+        metavar="VERSION|COMMIT|PATH",
+        help="the vLLM release to move to: a version on the index "
+        "(0.32.0), a release commit of the pin's repository, or "
+        "a local sdist tarball / release tree / checkout",
+    )
+    what.add_argument(
+        "--continue",
+        dest="cont",
+        action="store_true",
+        help="go on after resolving a conflict (or an interruption)",
+    )
+    what.add_argument(
+        "--skip",
+        action="store_true",
+        help="drop the conflicting patch (or every upstreamed one) and go on",
+    )
+    what.add_argument(
+        "--abort",
+        action="store_true",
+        help="stop; restore vllm.pin and patches/, remove the work tree",
+    )
+    parser.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="drop this patch from the series (repeatable)",
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        metavar="auto|git|sdist|PATH",
+        help="where the current pinned release comes from, as for "
+        "apply; also how a --to VERSION is fetched "
+        "(default: auto)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=DEFAULT_WORK,
+        help="the rebase work tree (default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON report")
 
 
 def _print_report(state: RebaseState, work: Path, diff: str, as_json: bool) -> None:
     rows = report_rows(state)
     if as_json:
-        print(json.dumps({
-            "ok": True, "from": state.old_pin["version"], "to": state.new_pin["version"],
-            "pin": state.new_pin, "work": str(work), "patches": rows,
-            "range_diff": diff,
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "from": state.old_pin["version"],
+                    "to": state.new_pin["version"],
+                    "pin": state.new_pin,
+                    "work": str(work),
+                    "patches": rows,
+                    "range_diff": diff,
+                },
+                indent=2,
+            )
+        )
         return
     old, new = state.old_pin["version"], state.new_pin["version"]
-    print(f"rebased {len(rows)} patch(es) from vLLM {old} to {new} "
-          f"({state.new_base_source})")  # fmt: skip
+    print(f"rebased {len(rows)} patch(es) from vLLM {old} to {new} ({state.new_base_source})")
     width = max((len(r["name"]) for r in rows), default=10)
     for r in rows:
         commit = (r["new_commit"] or "")[:12] or "-"
         print(f"  {r['result']:<20} {r['name']:<{width}}  {commit}")
-    print(f"wrote {state.pin_path} (vLLM {new}, sha256 "
-          f"{state.new_pin['sdist_sha256'][:16]}...) and {state.patches_dir}/")  # fmt: skip
-    print(f"\nrange-diff {OLD_BASE}..{OLD_BRANCH} {NEW_BASE}..{NEW_BRANCH} "
-          f"(in {work}):")  # fmt: skip
+    print(
+        f"wrote {state.pin_path} (vLLM {new}, sha256 "
+        f"{state.new_pin['sdist_sha256'][:16]}...) and {state.patches_dir}/"
+    )
+    print(f"\nrange-diff {OLD_BASE}..{OLD_BRANCH} {NEW_BASE}..{NEW_BRANCH} (in {work}):")
     print(diff.rstrip("\n") or "  (no patches on either side)")
-    print(f"\nthe rebased tree is {work} (branch '{BRANCH}'); "
-          "run `python apply.py` to rebuild the build tree")  # fmt: skip
+    print(
+        f"\nthe rebased tree is {work} (branch '{BRANCH}'); "
+        "run `python apply.py` to rebuild the build tree"
+    )
 
 
 def run_rebase(args) -> int:
-    work = args.work
+    work = args.work.resolve()  # git runs inside it: paths given to git must be absolute
     if args.abort:
         state = abort(work)
-        print(f"rebase to {state.to} aborted; {state.pin_path} and "
-              f"{state.patches_dir}/ restored, {work} removed")  # fmt: skip
+        print(
+            f"rebase to {state.to} aborted; {state.pin_path} and "
+            f"{state.patches_dir}/ restored, {work} removed"
+        )
         return 0
     in_progress = load_state(work)
     if in_progress and in_progress.phase != "done":

@@ -191,9 +191,16 @@ def base_from_git(pin: Pin) -> Base:
     if not commit or not pin.matches_commit(commit):
         what = pin.commit if len(pin.commit) == 40 else f"refs/tags/{pin.tag}"
         status, _, err = gitutil.run(
-            repo, "fetch", "-q", "--depth", "1", "--no-tags", pin.repository,
-            f"+{what}:{ref}", check=False,
-        )  # fmt: skip
+            repo,
+            "fetch",
+            "-q",
+            "--depth",
+            "1",
+            "--no-tags",
+            pin.repository,
+            f"+{what}:{ref}",
+            check=False,
+        )
         if status != 0:
             raise NetworkError(f"git fetch {pin.repository} {what} failed: {err.strip()}")
         commit = gitutil.rev(repo, ref)

@@ -210,8 +210,7 @@ def build_spec(patches_dir: Path, device: str = "cpu") -> dict:
     series = read_series(patches_dir) if (patches_dir / "series").is_file() else []
     for p in series:
         sels = [
-            Selector(t.strip(), f"Tests: trailer of {p.name}")
-            for t in p.trailers.get("Tests", [])
+            Selector(t.strip(), f"Tests: trailer of {p.name}") for t in p.trailers.get("Tests", [])
         ]
         sels += _selectors(
             extra.get(p.name, {}).get("tests", []), f"{TESTS_TOML} [patch.{p.name!r}]"
@@ -229,9 +228,7 @@ def build_spec(patches_dir: Path, device: str = "cpu") -> dict:
             f"warning: {TESTS_TOML} names patches not in the series: {sorted(unknown)}",
             file=sys.stderr,
         )
-    all_moe = _selectors(
-        cfg.get(ALL_MOE, {}).get("tests", []), f"{TESTS_TOML} [{ALL_MOE}]"
-    )
+    all_moe = _selectors(cfg.get(ALL_MOE, {}).get("tests", []), f"{TESTS_TOML} [{ALL_MOE}]")
     by_device = {
         dev: [
             s.__dict__
@@ -256,9 +253,7 @@ def select(
 ) -> list[Group]:
     """The groups to run: the named patches (default all), plus all-moe if asked."""
     groups = {
-        g["name"]: Group(
-            g["name"], g.get("subject", ""), [Selector(**s) for s in g["selectors"]]
-        )
+        g["name"]: Group(g["name"], g.get("subject", ""), [Selector(**s) for s in g["selectors"]])
         for g in spec["groups"]
     }
     chosen: list[Group] = []
@@ -315,14 +310,10 @@ def plan(tree: Path, groups: list[Group], exclude: list[Selector]):
         for s in wanted
         if not any(o is not s and o.covers(s.test) and o.test != s.test for o in wanted)
     ]
-    excluded = [
-        e for e in exclude if any(t.covers(e.test) or e.covers(t.test) for t in targets)
-    ]
+    excluded = [e for e in exclude if any(t.covers(e.test) or e.covers(t.test) for t in targets)]
     # a target wholly inside an exclusion is not run at all
     targets = [
-        t
-        for t in targets
-        if not any(e.covers(t.test) or e.test == t.test for e in excluded)
+        t for t in targets if not any(e.covers(t.test) or e.test == t.test for e in excluded)
     ]
     return targets, absent, excluded
 
@@ -356,9 +347,7 @@ def fold_reports(lines: list[dict]) -> tuple[dict[str, dict], list[dict], int | 
             continue
         if ev != "test":
             continue
-        n = nodes.setdefault(
-            r["nodeid"], {"outcome": None, "message": "", "duration": 0.0}
-        )
+        n = nodes.setdefault(r["nodeid"], {"outcome": None, "message": "", "duration": 0.0})
         n["duration"] = round(n["duration"] + r.get("duration", 0.0), 3)
         when, outcome = r["when"], r["outcome"]
         if outcome == "failed":
@@ -483,18 +472,12 @@ def format_table(result: dict, max_red: int = 40) -> str:
     red: dict[str, str] = {}
     for r in result["groups"]:
         for e in r["collect_errors"]:
-            red.setdefault(
-                e["nodeid"], f"  COLLECTION ERROR {e['nodeid']}: {e['message']}"
-            )
+            red.setdefault(e["nodeid"], f"  COLLECTION ERROR {e['nodeid']}: {e['message']}")
         for f in r["failures"]:
-            red.setdefault(
-                f["nodeid"], f"  {f['outcome'].upper()} {f['nodeid']}: {f['message']}"
-            )
+            red.setdefault(f["nodeid"], f"  {f['outcome'].upper()} {f['nodeid']}: {f['message']}")
     lines += sorted(red.values())[:max_red]
     if len(red) > max_red:
-        lines.append(
-            f"  ... and {len(red) - max_red} more (see the JSON summary or JUnit XML)"
-        )
+        lines.append(f"  ... and {len(red) - max_red} more (see the JSON summary or JUnit XML)")
     for r in result["groups"]:
         if r["skip_reasons"] or r["not_run"]:
             lines.append(f"{r['name']}:")
@@ -566,8 +549,7 @@ def run_pytest(
         report = tmp / "report.jsonl"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(tree), str(tmp)]
-            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            [str(tree), str(tmp)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         env[REPORT_ENV] = str(report)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -775,8 +757,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--all-moe",
         action="store_true",
-        help=f"also run every upstream MoE kernel test ([{ALL_MOE}] in "
-        f"patches/{TESTS_TOML})",
+        help=f"also run every upstream MoE kernel test ([{ALL_MOE}] in patches/{TESTS_TOML})",
     )
     p.add_argument(
         "--test",
@@ -808,20 +789,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--selection",
         type=Path,
         metavar="FILE",
-        help="a resolved selection (JSON from ci/device_bundle.py) instead "
-        "of reading patches/",
+        help="a resolved selection (JSON from ci/device_bundle.py) instead of reading patches/",
     )
     p.add_argument("--junit", type=Path, metavar="PATH", help="write JUnit XML here")
-    p.add_argument(
-        "--json", type=Path, metavar="PATH", help="write the JSON summary here"
-    )
-    p.add_argument(
-        "--table", type=Path, metavar="PATH", help="also write the table here"
-    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the JSON summary here")
+    p.add_argument("--table", type=Path, metavar="PATH", help="also write the table here")
     p.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression")
-    p.add_argument(
-        "-n", dest="workers", metavar="N", help="pytest-xdist workers (e.g. 8, auto)"
-    )
+    p.add_argument("-n", dest="workers", metavar="N", help="pytest-xdist workers (e.g. 8, auto)")
     p.add_argument(
         "--pytest-arg",
         action="append",
@@ -848,9 +822,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "wheel from the index (cached); DIR = a folder laid out like the wheel; "
         "none = the tree already has them",
     )
-    p.add_argument(
-        "--wheel", type=Path, help="cuda only: a local copy of the release wheel"
-    )
+    p.add_argument("--wheel", type=Path, help="cuda only: a local copy of the release wheel")
     p.add_argument("--label", help="a name for this run in the table/JSON")
     p.add_argument(
         "--list",
@@ -861,9 +833,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def _base_worktree(tree: Path, ref: str) -> Path:
     if _git_rev(tree) is None:
-        raise TestSetupError(
-            f"{tree} is not a git repository; --base needs the built tree"
-        )
+        raise TestSetupError(f"{tree} is not a git repository; --base needs the built tree")
     tmp = Path(tempfile.mkdtemp(prefix="moepatch-base-"))
     wt = tmp / "vllm"
     r = subprocess.run(
@@ -884,9 +854,7 @@ def _drop_worktree(tree: Path, wt: Path) -> None:
         capture_output=True,
         check=False,
     )
-    subprocess.run(
-        ["git", "-C", str(tree), "worktree", "prune"], capture_output=True, check=False
-    )
+    subprocess.run(["git", "-C", str(tree), "worktree", "prune"], capture_output=True, check=False)
     shutil.rmtree(wt.parent, ignore_errors=True)
 
 
@@ -894,9 +862,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``apply.py test``; print the table; return the exit status."""
     tree = Path(args.tree)
     if not (tree / "vllm" / "__init__.py").is_file():
-        raise TestSetupError(
-            f"{tree}: no built vLLM tree here", hint="run `python apply.py` first"
-        )
+        raise TestSetupError(f"{tree}: no built vLLM tree here", hint="run `python apply.py` first")
     if args.selection:
         try:
             spec = json.loads(Path(args.selection).read_text())
@@ -908,9 +874,7 @@ def run(args: argparse.Namespace) -> int:
                 raise TestSetupError(f"{args.selection}: made for {spec.get('device')}")
             spec = dict(spec, device=args.device, exclude=by_device[args.device])
     else:
-        spec = build_spec(
-            getattr(args, "patches", None) or REPO / "patches", args.device
-        )
+        spec = build_spec(getattr(args, "patches", None) or REPO / "patches", args.device)
     groups = select(spec, args.patch, args.all_moe, args.test)
     exclude = [Selector(**s) for s in spec.get("exclude", [])]
     if not any(g.selectors for g in groups):
@@ -1000,9 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / "patches",
         help="the patch directory holding `series` (default: %(default)s)",
     )
-    ap.add_argument(
-        "-q", "--quiet", action="store_true", help="hide pytest's own output"
-    )
+    ap.add_argument("-q", "--quiet", action="store_true", help="hide pytest's own output")
     args = ap.parse_args(argv)
     try:
         return run(args)

@@ -86,8 +86,9 @@ def _find(patches: list[Patch], name: str) -> int:
     for i, p in enumerate(patches):
         if name in (p.name, _stem(p.name)):
             return i
-    raise SeriesError(f"no patch {name!r} in the series "
-                      f"(have: {', '.join(p.name for p in patches) or 'none'})")  # fmt: skip
+    raise SeriesError(
+        f"no patch {name!r} in the series (have: {', '.join(p.name for p in patches) or 'none'})"
+    )
 
 
 def _stack_applies(repo: Path, base: str, mboxes: list[Path]) -> tuple[bool, list[str]]:
@@ -134,10 +135,7 @@ def find_dependencies(
 def clean_message(message: str) -> str:
     """The commit message without our project-only trailers (DCO sign-off kept)."""
     lines = message.rstrip("\n").split("\n")
-    kept = [
-        ln for ln in lines
-        if not re.match(rf"^({'|'.join(PROJECT_TRAILERS)}): ", ln)
-    ]  # fmt: skip
+    kept = [ln for ln in lines if not re.match(rf"^({'|'.join(PROJECT_TRAILERS)}): ", ln)]
     while kept and not kept[-1].strip():
         kept.pop()
     text = "\n".join(kept)
@@ -163,11 +161,13 @@ def lint(tree: Path, files: list[str]) -> list[dict]:
         cmd = [*_ruff(), *args, *py]
         proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
         output = (proc.stdout + proc.stderr).strip()
-        results.append({
-            "command": "ruff " + " ".join([*args, *py]),
-            "ok": proc.returncode == 0,
-            "output": output.splitlines()[-20:],
-        })  # fmt: skip
+        results.append(
+            {
+                "command": "ruff " + " ".join([*args, *py]),
+                "ok": proc.returncode == 0,
+                "output": output.splitlines()[-20:],
+            }
+        )
     return results
 
 
@@ -181,36 +181,43 @@ def run_tests(tree: Path, patches_dir: Path, patch: Patch, time_limit: float | N
         spec = testing.build_spec(patches_dir, "cpu")
         groups = testing.select(spec, [patch.name], False)
         exclude = [testing.Selector(**s) for s in spec["exclude"]]
-        result = testing.run_pytest(tree, groups, exclude, device="cpu", quiet=True,
-                                    time_limit=time_limit, label=patch.name)  # fmt: skip
+        result = testing.run_pytest(
+            tree, groups, exclude, device="cpu", quiet=True, time_limit=time_limit, label=patch.name
+        )
         total = result["total"]
         return {
             "command": "cd <tree> && VLLM_TARGET_DEVICE=cpu TRITON_INTERPRET=1 "
-                       "PYTHONPATH=$PWD python -m pytest -q "
-                       + " ".join(c for c in result["command"][1:] if c.startswith("tests")),
+            "PYTHONPATH=$PWD python -m pytest -q "
+            + " ".join(c for c in result["command"][1:] if c.startswith("tests")),
             "verdict": result["verdict"],
-            "counts": {k: total.get(k, 0)
-                       for k in ("passed", "failed", "error", "skipped", "xfailed")},
+            "counts": {
+                k: total.get(k, 0) for k in ("passed", "failed", "error", "skipped", "xfailed")
+            },
             "duration_s": result["duration_s"],
             "not_run": total.get("not_run", []),
-        }  # fmt: skip
+        }
     tests = [t for t in patch.tests if (tree / t.split("::", 1)[0]).exists()]
     if not tests:
         return {"command": "", "verdict": "EMPTY: no tests", "counts": {}}
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu",
-           "TRITON_INTERPRET": "1", "PYTHONPATH": str(tree)}  # fmt: skip
+    env = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": str(tree),
+    }
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
-                          timeout=time_limit, check=False)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=time_limit, check=False
+    )
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", summary)}
     return {
         "command": "cd <tree> && VLLM_TARGET_DEVICE=cpu TRITON_INTERPRET=1 "
-                   f"PYTHONPATH=$PWD python -m pytest -q {' '.join(tests)}",
+        f"PYTHONPATH=$PWD python -m pytest -q {' '.join(tests)}",
         "verdict": "GREEN" if proc.returncode == 0 else f"RED (pytest exit {proc.returncode})",
         "counts": counts,
         "summary": summary,
-    }  # fmt: skip
+    }
 
 
 def agents_pr_rules(tree: Path) -> list[str]:
@@ -231,8 +238,10 @@ def pr_description(patch: Patch, report: UpstreamReport, rules: list[str]) -> st
     lines = [f"# {patch.subject}", "", "## Purpose", "", *(paragraphs[:2] or ["(see commit)"])]
     lines += ["", "## Why this is not a duplicate", ""]
     if related:
-        lines.append("Related upstream work, read before writing this change "
-                     "(the commit message explains how this differs):")  # fmt: skip
+        lines.append(
+            "Related upstream work, read before writing this change "
+            "(the commit message explains how this differs):"
+        )
         lines += [f"- {url}" for url in related]
     else:
         lines.append("No related upstream PR is known for this change.")
@@ -243,25 +252,33 @@ def pr_description(patch: Patch, report: UpstreamReport, rules: list[str]) -> st
     if report.tests:
         t = report.tests
         counts = ", ".join(f"{v} {k}" for k, v in t.get("counts", {}).items() if v)
-        lines += ["```", t["command"], "```", f"Result on CPU: {t['verdict']}"
-                  + (f" ({counts})" if counts else "")]  # fmt: skip
+        lines += [
+            "```",
+            t["command"],
+            "```",
+            f"Result on CPU: {t['verdict']}" + (f" ({counts})" if counts else ""),
+        ]
         for item in t.get("not_run", [])[:10]:
             lines.append(f"- not run on CPU: `{item['test']}` ({item['reason']})")
         lines.append("GPU tests: run with the project's device script on an H100/H200.")
     else:
         lines.append("Tests were not run for this description (--no-tests).")
     for item in report.lint:
-        lines += ["```", item["command"], "```",
-                  f"Result: {'clean' if item['ok'] else 'FAILED'}"]  # fmt: skip
+        lines += ["```", item["command"], "```", f"Result: {'clean' if item['ok'] else 'FAILED'}"]
     lines += ["", "## Test results and benchmarks", ""]
     if bench:
         lines.append("From the change's own measurements (device and shapes as stated):")
         lines += ["", *[f"> {ln}" if ln else ">" for p in bench for ln in [*p.split("\n"), ""]]]
     else:
         lines.append("No benchmark numbers: the commit message records none.")
-    lines += ["", "## AI assistance", "",
-              "AI assistance was used to prepare this change and this description.",
-              "", "- [ ] A human has reviewed every changed line and re-run the commands."]
+    lines += [
+        "",
+        "## AI assistance",
+        "",
+        "AI assistance was used to prepare this change and this description.",
+        "",
+        "- [ ] A human has reviewed every changed line and re-run the commands.",
+    ]
     if rules:
         lines += ["", "## AGENTS.md checklist", ""]
         lines += [f"- [ ] {rule}" for rule in rules]
@@ -283,7 +300,7 @@ def prepare(
     patches = read_series(patches_dir)
     at = _find(patches, name)
     patch = patches[at]
-    out = Path(out or DEFAULT_OUT / _stem(patch.name))
+    out = Path(out or DEFAULT_OUT / _stem(patch.name)).resolve()
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise TargetError(f"{out}: exists and was not written by apply.py upstream")
@@ -311,8 +328,10 @@ def prepare(
     outcome = apply_mbox(tree, mboxes[patch.name])
     report.applies_alone, report.details = outcome.status, outcome.details
     if outcome.status == UPSTREAMED:
-        raise ToolError(f"{patch.name}: vLLM {base_pin.version} already has this change "
-                        "(upstreamed); nothing to send")  # fmt: skip
+        raise ToolError(
+            f"{patch.name}: vLLM {base_pin.version} already has this change "
+            "(upstreamed); nothing to send"
+        )
     if outcome.status not in (CLEAN, THREE_WAY):
         deps, details = find_dependencies(tree, base.commit, patches, at, mboxes)
         report.depends_on = deps or []
@@ -341,8 +360,17 @@ def prepare(
         report.tests = run_tests(tree, patches_dir, patch, time_limit)
     if lint_files:
         report.lint = lint(tree, patch.touched_files())
-    written = gitutil.out(tree, "format-patch", "--full-index", "--no-signature",
-                          "--keep-subject", "-o", str(out.resolve()), "-1", branch)  # fmt: skip
+    written = gitutil.out(
+        tree,
+        "format-patch",
+        "--full-index",
+        "--no-signature",
+        "--keep-subject",
+        "-o",
+        str(out.resolve()),
+        "-1",
+        branch,
+    )
     report.patch_file = written.strip().splitlines()[-1]
     pr = out / "PR.md"
     pr.write_text(pr_description(patch, report, agents_pr_rules(tree)), encoding="utf-8")
@@ -360,31 +388,48 @@ def _write_report(out: Path, report: UpstreamReport) -> None:
 # CLI
 # --------------------------------------------------------------------------
 
-UPSTREAM_DOC = "Prepare one patch as an upstream vLLM pull request.\n\n" + __doc__.split("\n\n", 1)[1].replace("``", "`")
+UPSTREAM_DOC = "Prepare one patch as an upstream vLLM pull request.\n\n" + __doc__.split("\n\n", 1)[
+    1
+].replace("``", "`")
 
 
 def configure_upstream(parser) -> None:
     parser.add_argument("name", metavar="NAME", help="the patch (file name, .patch optional)")
-    parser.add_argument("--base", metavar="VERSION|PATH",
-                        help="a newer base than the pin: a version on the index or a "
-                             "local sdist / tree")  # fmt: skip
-    parser.add_argument("--out", type=Path,
-                        help=f"output directory (default: {DEFAULT_OUT}/NAME)")  # fmt: skip
-    parser.add_argument("--source", default="auto", metavar="auto|git|sdist|PATH",
-                        help="where the pinned release comes from (default: auto)")  # fmt: skip
+    parser.add_argument(
+        "--base",
+        metavar="VERSION|PATH",
+        help="a newer base than the pin: a version on the index or a local sdist / tree",
+    )
+    parser.add_argument("--out", type=Path, help=f"output directory (default: {DEFAULT_OUT}/NAME)")
+    parser.add_argument(
+        "--source",
+        default="auto",
+        metavar="auto|git|sdist|PATH",
+        help="where the pinned release comes from (default: auto)",
+    )
     parser.add_argument("--no-tests", action="store_true", help="skip the CPU tests")
     parser.add_argument("--no-lint", action="store_true", help="skip ruff")
     parser.add_argument("--json", action="store_true", help="print report.json")
 
 
 def run_upstream(args) -> int:
-    report = prepare(args.name, args.pin, args.patches, args.out, args.base,
-                     args.source, not args.no_tests, not args.no_lint)  # fmt: skip
+    report = prepare(
+        args.name,
+        args.pin,
+        args.patches,
+        args.out,
+        args.base,
+        args.source,
+        not args.no_tests,
+        not args.no_lint,
+    )
     if args.json:
         print(json.dumps({**report.__dict__, "ok": report.ok}, indent=2))
         return 0 if report.ok else 1
-    print(f"{report.name}: applies alone on vLLM {report.base_version} "
-          f"({report.applies_alone}); branch '{report.branch}'")  # fmt: skip
+    print(
+        f"{report.name}: applies alone on vLLM {report.base_version} "
+        f"({report.applies_alone}); branch '{report.branch}'"
+    )
     if report.tests:
         t = report.tests
         print(f"tests (CPU): {t['verdict']}  {t.get('counts', {})}")

@@ -2,7 +2,6 @@
 
 import hashlib
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -47,9 +46,13 @@ def pin_text(sha256: str, version: str = VERSION, commit: str = COMMIT) -> str:
     )
 
 
-def make_patch(base_files: dict[str, str], edits: dict[str, str], subject: str,
-               trailers: str = "Upstream: not yet\nStatus: pending\nTests: tests/test_moe.py",
-               date: str = "2026-11-25T12:00:00+00:00") -> bytes:
+def make_patch(
+    base_files: dict[str, str],
+    edits: dict[str, str],
+    subject: str,
+    trailers: str = "Upstream: not yet\nStatus: pending\nTests: tests/test_moe.py",
+    date: str = "2026-11-25T12:00:00+00:00",
+) -> bytes:
     """A format-patch file turning base_files into base_files|edits."""
     import tempfile
 
@@ -133,9 +136,11 @@ def project(tmp_path) -> Project:
 
 @pytest.fixture
 def two_patches() -> dict[str, bytes]:
-    first = make_patch(RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line ten")},
-                       "[MoE] Change line ten")  # fmt: skip
+    first = make_patch(
+        RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line ten")}, "[MoE] Change line ten"
+    )
     after_first = {**RELEASE_FILES, "vllm/moe.py": moe_with(10, "line ten")}
-    second = make_patch(after_first, {"vllm/gate.py": "def gate(x):\n    return 2 * x\n"},
-                        "[Model] Double the gate")  # fmt: skip
+    second = make_patch(
+        after_first, {"vllm/gate.py": "def gate(x):\n    return 2 * x\n"}, "[Model] Double the gate"
+    )
     return {"line-ten.patch": first, "double-gate.patch": second}

@@ -83,8 +83,9 @@ def sha256(path: Path) -> str:
 
 
 def pin_for(tarball: Path, version: str) -> Pin:
-    return Pin(version, f"v{version}", commit_for(version), REPOSITORY,
-               tarball.name, sha256(tarball))  # fmt: skip
+    return Pin(
+        version, f"v{version}", commit_for(version), REPOSITORY, tarball.name, sha256(tarball)
+    )
 
 
 def message(subject: str, tests: str = "tests/test_moe.py", extra: str = "") -> str:
@@ -111,7 +112,7 @@ def make_series(
     env = gitutil.env_for(IDENT, DATE)
     gitutil.run(repo, "commit", "-q", "-m", "base", env=env)
     gitutil.run(repo, "tag", "base")
-    for name, msg, changes in patches:
+    for _name, msg, changes in patches:
         for path, text in changes.items():
             (repo / path).parent.mkdir(parents=True, exist_ok=True)
             (repo / path).write_text(text)
@@ -134,10 +135,16 @@ def edit(text: str, old: str, new: str) -> str:
 
 
 # The standard three-patch series on BASE_FILES.
-PATCH_A = ("step-one.patch", "[MoE] Double step one",
-           {"vllm/moe.py": edit(MOE, "return x + 1\n", "return x + 1 + 1\n")})  # fmt: skip
-PATCH_B = ("gate-scale.patch", "[MoE] Scale the gate",
-           {"vllm/gate.py": edit(GATE, "y = y * 1", "y = y * 2")})  # fmt: skip
+PATCH_A = (
+    "step-one.patch",
+    "[MoE] Double step one",
+    {"vllm/moe.py": edit(MOE, "return x + 1\n", "return x + 1 + 1\n")},
+)
+PATCH_B = (
+    "gate-scale.patch",
+    "[MoE] Scale the gate",
+    {"vllm/gate.py": edit(GATE, "y = y * 1", "y = y * 2")},
+)
 PATCH_C = ("step-twelve.patch", "[MoE] Add step twelve")
 STEP_12 = "\n\ndef step_12(x):\n    return x + 12\n"
 

@@ -65,8 +65,9 @@ def test_conflict_names_patch_and_keeps_previous_build(project, two_patches, cap
     project.set_series(two_patches)
     assert project.run() == 0
     good_head = project.git("rev-parse", "HEAD")
-    clash = make_patch(RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line TEN")},
-                       "[MoE] Clash with line ten")  # fmt: skip
+    clash = make_patch(
+        RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line TEN")}, "[MoE] Clash with line ten"
+    )
     project.set_series({**two_patches, "clash.patch": clash})
     capsys.readouterr()
     assert project.run() == 7
@@ -84,8 +85,9 @@ def test_conflict_names_patch_and_keeps_previous_build(project, two_patches, cap
 
 
 def test_first_build_conflict_leaves_last_good_patch(project, two_patches):
-    clash = make_patch(RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line TEN")},
-                       "[MoE] Clash with line ten")  # fmt: skip
+    clash = make_patch(
+        RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line TEN")}, "[MoE] Clash with line ten"
+    )
     project.set_series({"line-ten.patch": two_patches["line-ten.patch"], "clash.patch": clash})
     assert project.run() == 7
     assert project.git("rev-parse", "--abbrev-ref", "HEAD") == FAILED_BRANCH
@@ -128,8 +130,13 @@ def test_own_commits_are_refused_then_kept_with_force(project, two_patches):
     project.set_series(two_patches)
     assert project.run() == 0
     (project.target / "vllm/gate.py").write_text("mine\n")
-    gitutil.run(project.target, "commit", "-qam", "my work",
-                env=gitutil.env_for(("Me", "me@example.invalid")))  # fmt: skip
+    gitutil.run(
+        project.target,
+        "commit",
+        "-qam",
+        "my work",
+        env=gitutil.env_for(("Me", "me@example.invalid")),
+    )
     mine = project.git("rev-parse", "HEAD")
     assert project.run() == 8
     assert project.run("apply", "--force") == 0
@@ -175,8 +182,13 @@ def test_export_picks_up_a_new_commit_and_drops_removed_files(project, two_patch
     project.set_series(two_patches)
     assert project.run() == 0
     (project.target / "vllm/gate.py").write_text("def gate(x):\n    return 3 * x\n")
-    gitutil.run(project.target, "commit", "-qam", "[Model] Triple the gate",
-                env=gitutil.env_for(("Me", "me@example.invalid")))  # fmt: skip
+    gitutil.run(
+        project.target,
+        "commit",
+        "-qam",
+        "[Model] Triple the gate",
+        env=gitutil.env_for(("Me", "me@example.invalid")),
+    )
     assert project.run("export", "--check") == 10
     assert project.run("export") == 0
     series = (project.patches / "series").read_text().split()
@@ -195,8 +207,9 @@ def test_check_passes_on_a_good_series(project, two_patches, capsys):
 def test_check_reports_drift(project, two_patches, capsys):
     # A hand-made patch that applies but is not what export writes (short index).
     data = two_patches["line-ten.patch"]
-    short = re.sub(rb"index ([0-9a-f]{7})[0-9a-f]{33}\.\.([0-9a-f]{7})[0-9a-f]{33}",
-                   rb"index \1..\2", data)  # fmt: skip
+    short = re.sub(
+        rb"index ([0-9a-f]{7})[0-9a-f]{33}\.\.([0-9a-f]{7})[0-9a-f]{33}", rb"index \1..\2", data
+    )
     assert short != data
     project.set_series({**two_patches, "line-ten.patch": short})
     assert project.run("check") == 10
@@ -212,8 +225,7 @@ def test_check_reports_drift(project, two_patches, capsys):
         ("", {"stray.patch": None}, "not listed in patches/series", 4),
     ],
 )
-def test_bad_series_is_one_line_error(project, two_patches, capsys, series, files,
-                                      message, code):  # fmt: skip
+def test_bad_series_is_one_line_error(project, two_patches, capsys, series, files, message, code):
     for name, data in files.items():
         (project.patches / name).write_bytes(data or two_patches["line-ten.patch"])
     (project.patches / "series").write_text(series)
@@ -224,8 +236,12 @@ def test_bad_series_is_one_line_error(project, two_patches, capsys, series, file
 
 
 def test_check_reports_header_problems(project, two_patches, capsys):
-    bare = make_patch(RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line ten")},
-                      "[MoE] No trailers", trailers="Status: shipped")  # fmt: skip
+    bare = make_patch(
+        RELEASE_FILES,
+        {"vllm/moe.py": moe_with(10, "line ten")},
+        "[MoE] No trailers",
+        trailers="Status: shipped",
+    )
     project.set_series({"bare.patch": bare})
     assert project.run("check") == 4
     err = capsys.readouterr().err
@@ -235,9 +251,12 @@ def test_check_reports_header_problems(project, two_patches, capsys):
 
 
 def test_check_reports_missing_test_path(project, capsys):
-    patch = make_patch(RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line ten")},
-                       "[MoE] Names a missing test",
-                       trailers="Upstream: not yet\nStatus: pending\nTests: tests/nope.py")  # fmt: skip
+    patch = make_patch(
+        RELEASE_FILES,
+        {"vllm/moe.py": moe_with(10, "line ten")},
+        "[MoE] Names a missing test",
+        trailers="Upstream: not yet\nStatus: pending\nTests: tests/nope.py",
+    )
     project.set_series({"p.patch": patch})
     assert project.run("check") == 4
     assert "'Tests: tests/nope.py' does not exist" in capsys.readouterr().err

@@ -34,15 +34,26 @@ def releases(tmp_path) -> dict[str, Path]:
     moe_3way = edit(MOE, "def step_2(x):", "def step_2(x):  # renamed soon")
     return {
         "1.1.0": make_release(where, "1.1.0", {**BASE_FILES, "vllm/moe.py": moe_3way}),
-        "1.2.0": make_release(where, "1.2.0", {
-            **BASE_FILES, "vllm/gate.py": edit(GATE, "y = y * 1", "y = y * 3")}),
+        "1.2.0": make_release(
+            where, "1.2.0", {**BASE_FILES, "vllm/gate.py": edit(GATE, "y = y * 1", "y = y * 3")}
+        ),
         "1.3.0": make_release(where, "1.3.0", {**BASE_FILES, "vllm/moe.py": MOE + STEP_12}),
-    }  # fmt: skip
+    }
 
 
 def run(project, tarball, *args) -> int:
-    return cli.main(["matrix", "--pin", str(project / "vllm.pin"), "--patches",
-                     str(project / "patches"), "--source", str(tarball), *args])  # fmt: skip
+    return cli.main(
+        [
+            "matrix",
+            "--pin",
+            str(project / "vllm.pin"),
+            "--patches",
+            str(project / "patches"),
+            "--source",
+            str(tarball),
+            *args,
+        ]
+    )
 
 
 def test_every_verdict(tmp_path, capsys):
@@ -50,14 +61,17 @@ def test_every_verdict(tmp_path, capsys):
     rel = releases(tmp_path)
     before = snapshot(project)
     specs = ",".join(["1.0.0", *(str(p) for p in rel.values())])
-    assert run(project, tarball, "--releases", specs, "--json",
-               "--write", str(tmp_path / "results")) == 0  # fmt: skip
+    assert (
+        run(project, tarball, "--releases", specs, "--json", "--write", str(tmp_path / "results"))
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in result["releases"]] == ["1.0.0", "1.1.0", "1.2.0", "1.3.0"]
     cells = {
         (name, v): (c["alone"], c["series"])
-        for name, per in result["results"].items() for v, c in per.items()
-    }  # fmt: skip
+        for name, per in result["results"].items()
+        for v, c in per.items()
+    }
     assert cells[("step-one.patch", "1.0.0")] == ("clean", "clean")
     assert cells[("gate-scale.patch", "1.0.0")] == ("clean", "clean")
     assert cells[("step-twelve.patch", "1.0.0")] == ("clean", "clean")
@@ -95,9 +109,10 @@ def test_default_releases_from_index_listing(tmp_path, capsys, monkeypatch):
     where = tmp_path / "releases"
     listed = [make_release(where, v, BASE_FILES) for v in ("0.9.0", "0.9.5", "0.10.0")]
     listed.append(tarball)
-    links = "".join(
-        f'<a href="{p.as_uri()}#sha256={sha256(p)}">{p.name}</a>\n' for p in listed
-    ) + '<a href="x.whl">vllm-0.9.5-cp38-abi3-manylinux1_x86_64.whl</a>\n'
+    links = (
+        "".join(f'<a href="{p.as_uri()}#sha256={sha256(p)}">{p.name}</a>\n' for p in listed)
+        + '<a href="x.whl">vllm-0.9.5-cp38-abi3-manylinux1_x86_64.whl</a>\n'
+    )
     (tmp_path / "index/vllm").mkdir(parents=True)
     (tmp_path / "index/vllm/index.html").write_text(links)
     monkeypatch.setattr(index, "index_urls", lambda: [(tmp_path / "index").as_uri()])

@@ -29,10 +29,19 @@ def built(tmp_path_factory):
         pytest.skip(f"package index unreachable: {e}")
     target = tmp_path_factory.mktemp("real") / "vllm"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "apply.py"), "apply", "--source", "sdist",
-         "--target", str(target), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "apply.py"),
+            "apply",
+            "--source",
+            "sdist",
+            "--target",
+            str(target),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return pin, base, target, json.loads(result.stdout)
 
@@ -67,8 +76,9 @@ def test_export_reproduces_patches(built):
     _, _, target, _ = built
     result = subprocess.run(
         [sys.executable, str(ROOT / "apply.py"), "export", "--check", "--target", str(target)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -77,10 +87,22 @@ def test_patched_tree_passes_its_cpu_tests(built, tmp_path):
     _, _, target, _ = built
     summary = tmp_path / "cpu.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "apply.py"), "test", "--device", "cpu",
-         "--tree", str(target), "--json", str(summary), "-n", "2"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "apply.py"),
+            "test",
+            "--device",
+            "cpu",
+            "--tree",
+            str(target),
+            "--json",
+            str(summary),
+            "-n",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(summary.read_text())
     assert report["total"]["failed"] == 0 and report["total"]["error"] == 0

@@ -41,11 +41,20 @@ def project(tmp_path):
 
 def run(project: Path, tarball: Path, *args: str) -> int:
     work = project / "build" / "rebase"
-    return cli.main([
-        "rebase", *args, "--pin", str(project / "vllm.pin"),
-        "--patches", str(project / "patches"), "--source", str(tarball),
-        "--work", str(work),
-    ])  # fmt: skip
+    return cli.main(
+        [
+            "rebase",
+            *args,
+            "--pin",
+            str(project / "vllm.pin"),
+            "--patches",
+            str(project / "patches"),
+            "--source",
+            str(tarball),
+            "--work",
+            str(work),
+        ]
+    )
 
 
 def release(tmp_path, version, **changes) -> Path:
@@ -57,7 +66,7 @@ def release(tmp_path, version, **changes) -> Path:
 
 def results(capsys) -> dict:
     out = capsys.readouterr().out
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{") :])
 
 
 # ---------------------------------------------------------------- branches
@@ -66,8 +75,9 @@ def results(capsys) -> dict:
 def test_clean_rebase_writes_pin_patches_and_range_diff(project, tmp_path, capsys):
     project, tarball = project
     before = snapshot(project)
-    new = make_release(tmp_path / "releases", "1.0.1",
-                       {**BASE_FILES, "README.md": "fake vLLM, newer\n"})  # fmt: skip
+    new = make_release(
+        tmp_path / "releases", "1.0.1", {**BASE_FILES, "README.md": "fake vLLM, newer\n"}
+    )
     assert run(project, tarball, "--to", str(new)) == 0
     out = capsys.readouterr().out
     pin = load_pin(project / "vllm.pin")
@@ -84,14 +94,44 @@ def test_clean_rebase_writes_pin_patches_and_range_diff(project, tmp_path, capsy
     assert not rebase.load_state(work) or rebase.load_state(work).phase == "done"
 
 
+def test_default_relative_work_directory(project, tmp_path, monkeypatch, capsys):
+    # git runs inside the work tree: the relative default must still work.
+    project, tarball = project
+    new = release(
+        tmp_path, "1.1.0", vllm__moe_py=edit(MOE, "def step_2(x):", "def step_2(x):  # moved")
+    )
+    monkeypatch.chdir(project)
+    assert (
+        cli.main(
+            [
+                "rebase",
+                "--to",
+                str(new),
+                "--pin",
+                "vllm.pin",
+                "--patches",
+                "patches",
+                "--source",
+                str(tarball),
+            ]
+        )
+        == 0
+    )
+    assert "3-way" in capsys.readouterr().out
+    assert load_pin(project / "vllm.pin").version == "1.1.0"
+
+
 def test_three_way_is_reported_and_patch_refreshed(project, tmp_path, capsys):
     project, tarball = project
     moe = edit(MOE, "def step_2(x):", "def step_2(x):  # renamed soon")
     new = release(tmp_path, "1.1.0", vllm__moe_py=moe)
     assert run(project, tarball, "--to", str(new), "--json") == 0
     rows = {r["name"]: r["result"] for r in results(capsys)["patches"]}
-    assert rows == {"step-one.patch": "3-way", "gate-scale.patch": "clean",
-                    "step-twelve.patch": "clean"}  # fmt: skip
+    assert rows == {
+        "step-one.patch": "3-way",
+        "gate-scale.patch": "clean",
+        "step-twelve.patch": "clean",
+    }
     text = (project / "patches/step-one.patch").read_text()
     assert "def step_2(x):  # renamed soon" in text  # context refreshed
     assert "Patch-Filename" not in text
@@ -152,9 +192,22 @@ def test_abort_restores_everything_exactly(project, tmp_path, capsys):
     project, tarball = project
     # a built tree the user has: it must stay exactly as it is
     built = project / "build" / "vllm"
-    assert cli.main(["apply", "--pin", str(project / "vllm.pin"), "--patches",
-                     str(project / "patches"), "--source", str(tarball),
-                     "--target", str(built)]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "apply",
+                "--pin",
+                str(project / "vllm.pin"),
+                "--patches",
+                str(project / "patches"),
+                "--source",
+                str(tarball),
+                "--target",
+                str(built),
+            ]
+        )
+        == 0
+    )
     head, status = gitutil.rev(built, "HEAD"), gitutil.dirty_paths(built)
     before = snapshot(project)
     assert run(project, tarball, "--to", str(gate_conflict(tmp_path))) == 7
@@ -180,20 +233,23 @@ def test_upstreamed_is_reported_and_dropped_on_request(project, tmp_path, capsys
     assert state.phase == "decide"
     assert run(project, tarball, "--continue") == 7  # still undecided
     capsys.readouterr()
-    assert run(project, tarball, "--continue", "--drop", "step-twelve.patch",
-               "--json") == 0  # fmt: skip
+    assert run(project, tarball, "--continue", "--drop", "step-twelve.patch", "--json") == 0
     rows = {r["name"]: r["result"] for r in results(capsys)["patches"]}
-    assert rows == {"step-one.patch": "clean", "gate-scale.patch": "clean",
-                    "step-twelve.patch": "upstreamed, dropped"}  # fmt: skip
+    assert rows == {
+        "step-one.patch": "clean",
+        "gate-scale.patch": "clean",
+        "step-twelve.patch": "upstreamed, dropped",
+    }
     assert [p.name for p in read_series(project / "patches")] == [
-        "step-one.patch", "gate-scale.patch"]  # fmt: skip
+        "step-one.patch",
+        "gate-scale.patch",
+    ]
 
 
 def test_drop_up_front(project, tmp_path, capsys):
     project, tarball = project
     new = release(tmp_path, "1.0.2", README_md="other\n")
-    assert run(project, tarball, "--to", str(new), "--drop", "gate-scale.patch",
-               "--json") == 0  # fmt: skip
+    assert run(project, tarball, "--to", str(new), "--drop", "gate-scale.patch", "--json") == 0
     rows = {r["name"]: r["result"] for r in results(capsys)["patches"]}
     assert rows["gate-scale.patch"] == "dropped"
     assert "gate-scale.patch" not in (project / "patches/series").read_text()
@@ -292,8 +348,17 @@ def test_real_series_rebases_from_0_33_to_0_32(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "patches", project / "patches")
     shutil.copy2(REPO / "vllm.pin", project / "vllm.pin")
     work = project / "build/rebase"
-    argv = ["rebase", "--pin", str(project / "vllm.pin"), "--patches",
-            str(project / "patches"), "--work", str(work), "--source", "sdist"]  # fmt: skip
+    argv = [
+        "rebase",
+        "--pin",
+        str(project / "vllm.pin"),
+        "--patches",
+        str(project / "patches"),
+        "--work",
+        str(work),
+        "--source",
+        "sdist",
+    ]
     code = cli.main([*argv, "--to", "0.32.0", "--json"])
     out = capsys.readouterr()
     state = rebase.load_state(work)
@@ -305,7 +370,7 @@ def test_real_series_rebases_from_0_33_to_0_32(tmp_path, monkeypatch, capsys):
         assert cli.main([*argv, "--abort"]) == 0
         assert (project / "vllm.pin").read_bytes() == (REPO / "vllm.pin").read_bytes()
         return
-    report = json.loads(out.out[out.out.index("{"):])
+    report = json.loads(out.out[out.out.index("{") :])
     assert report["to"] == "0.32.0"
     assert {r["name"] for r in report["patches"]} == set(names)
     assert load_pin(project / "vllm.pin").sdist_sha256 == pin32.sdist_sha256

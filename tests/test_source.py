@@ -57,8 +57,10 @@ def test_release_with_other_version_is_refused(project, tmp_path):
 
 
 def test_release_with_other_commit_is_refused(project):
-    files = {**RELEASE_FILES, "vllm/_version.py": RELEASE_FILES["vllm/_version.py"].replace(
-        "gabcdef123", "g999999999")}  # fmt: skip
+    files = {
+        **RELEASE_FILES,
+        "vllm/_version.py": RELEASE_FILES["vllm/_version.py"].replace("gabcdef123", "g999999999"),
+    }
     sha = make_tarball(project.tarball, files)
     pin = parse_pin(pin_text(sha), project.pin)
     with pytest.raises(VerifyError, match="commit g999999999"):
@@ -149,8 +151,13 @@ class _Index(http.server.BaseHTTPRequestHandler):
                 body = f'<a href="../../files/{name}#sha256={sha}">{name}</a>'.encode()
                 kind = "text/html"
             else:
-                body = json.dumps({"files": [{"filename": name, "url": f"/files/{name}",
-                                              "hashes": {"sha256": sha}}]}).encode()  # fmt: skip
+                body = json.dumps(
+                    {
+                        "files": [
+                            {"filename": name, "url": f"/files/{name}", "hashes": {"sha256": sha}}
+                        ]
+                    }
+                ).encode()
                 kind = "application/vnd.pypi.simple.v1+json"
             self.send_response(200)
             self.send_header("Content-Type", kind)
@@ -187,8 +194,7 @@ def test_index_comes_from_pip_configuration(served_index, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["json", "html"])
-def test_sdist_from_index_is_downloaded_verified_and_cached(project, served_index, mode,
-                                                            capsys):  # fmt: skip
+def test_sdist_from_index_is_downloaded_verified_and_cached(project, served_index, mode, capsys):
     served_index.mode = mode
     assert project.run("apply", "--source", "sdist") == 0
     assert "from sdist" in capsys.readouterr().out

@@ -123,7 +123,8 @@ def fake(tmp_path: Path):
         'tests = [{ test = "tests/kernels/test_b.py::test_two", reason = "also covers it" }]\n'
         '[all-moe]\ntests = [{ test = "tests/kernels", reason = "everything" }]\n'
         "[device.cpu]\n"
-        'exclude = [{ test = "tests/kernels/test_broken.py", reason = "imports a GPU-only module" }]\n'
+        'exclude = [{ test = "tests/kernels/test_broken.py", '
+        'reason = "imports a GPU-only module" }]\n'
         "[device.cuda]\nexclude = []\n"
     )
     return tree, patches
@@ -186,9 +187,7 @@ def test_skips_never_count_as_passes(fake, tmp_path):
 
 
 def test_shared_tests_run_once_and_count_in_each_row(fake, tmp_path):
-    rc, result, _ = _run(
-        fake, tmp_path, "--patch", "one", "--patch", "two", "-k", "not fail"
-    )
+    rc, result, _ = _run(fake, tmp_path, "--patch", "one", "--patch", "two", "-k", "not fail")
     assert rc == 0
     assert _row(result, "two.patch")["passed"] == 3  # test_b x2 + test_new
     # -k "not fail" drops test_fail and test_xfail
@@ -250,9 +249,7 @@ def test_time_limit_interrupts_and_keeps_partial_results(fake, tmp_path):
     assert "INTERRUPTED" in result["verdict"]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("xdist") is None, reason="needs pytest-xdist"
-)
+@pytest.mark.skipif(importlib.util.find_spec("xdist") is None, reason="needs pytest-xdist")
 def test_xdist_reports_each_test_once(fake, tmp_path):
     rc, result, _ = _run(fake, tmp_path, "--patch", "one.patch", "-n", "2")
     assert rc == 1
@@ -274,9 +271,7 @@ def test_base_runs_in_a_temporary_worktree(fake, tmp_path):
 
 def test_all_moe_and_list(fake, tmp_path, capsys):
     tree, patches = fake
-    rc = testing.main(
-        ["--tree", str(tree), "--patches", str(patches), "--all-moe", "--list"]
-    )
+    rc = testing.main(["--tree", str(tree), "--patches", str(patches), "--all-moe", "--list"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "run      tests/kernels    # everything" in out
@@ -286,9 +281,7 @@ def test_all_moe_and_list(fake, tmp_path, capsys):
 def test_unknown_patch_and_missing_tree(fake, tmp_path, capsys):
     tree, patches = fake
     assert (
-        testing.main(
-            ["--tree", str(tree), "--patches", str(patches), "--patch", "nope"]
-        )
+        testing.main(["--tree", str(tree), "--patches", str(patches), "--patch", "nope"])
         == testing.TestSetupError.exit_code
     )
     assert "no patch 'nope'" in capsys.readouterr().err
@@ -398,9 +391,7 @@ def test_place_modules_refuses_installed_vllm_and_wrong_wheel(tmp_path):
 
 
 def _load_bundle_module():
-    spec = importlib.util.spec_from_file_location(
-        "device_bundle", REPO / "ci/device_bundle.py"
-    )
+    spec = importlib.util.spec_from_file_location("device_bundle", REPO / "ci/device_bundle.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -430,9 +421,7 @@ def _elf_with_section(name: str, content: bytes) -> bytearray:
     elf[data_off:str_off] = content
     elf[str_off : str_off + len(names)] = names
     struct.pack_into("<IIQQQQ", elf, sh_off + 64, 1, 1, 0, 0, data_off, len(content))
-    struct.pack_into(
-        "<IIQQQQ", elf, sh_off + 128, 2 + len(name), 3, 0, 0, str_off, len(names)
-    )
+    struct.pack_into("<IIQQQQ", elf, sh_off + 128, 2 + len(name), 3, 0, 0, str_off, len(names))
     return elf
 
 
@@ -455,17 +444,11 @@ def test_strip_fatbin_keeps_sm90_or_newest_ptx():
     before = bytes(elf)
     stats = db.strip_fatbin(elf, 90)
     assert len(elf) == len(before)
-    assert (
-        stats["containers"] == 3
-        and stats["ptx_fallback"] == 1
-        and stats["no_image"] == 1
-    )
+    assert stats["containers"] == 3 and stats["ptx_fallback"] == 1 and stats["no_image"] == 1
     kept = {p for p in b"ABCDEFGHP" if bytes([p]) * 16 in elf}
     assert kept == set(b"BE")  # sm_90 cubin; compute_80 PTX where no sm_90 cubin
     # headers untouched: the layout parses the same
-    assert [
-        e[:5] for e in db.fatbin_entries(elf, *db.elf_section(elf, ".nv_fatbin"))
-    ] == [
+    assert [e[:5] for e in db.fatbin_entries(elf, *db.elf_section(elf, ".nv_fatbin"))] == [
         e[:5] for e in db.fatbin_entries(before, *db.elf_section(before, ".nv_fatbin"))
     ]
 
@@ -484,9 +467,7 @@ def test_options_fit_apply_py_parser():
     testing.configure_parser(parser)
     if hasattr(cli, "_common"):
         cli._common(parser)
-    args = parser.parse_args(
-        ["--patch", "x", "--device", "cuda", "-n", "8", "--junit", "j.xml"]
-    )
+    args = parser.parse_args(["--patch", "x", "--device", "cuda", "-n", "8", "--junit", "j.xml"])
     assert args.patch == ["x"] and args.device == "cuda" and args.workers == "8"
 
 
@@ -513,9 +494,7 @@ def test_all_reported_but_pytest_hangs_at_exit_is_not_interrupted(fake, tmp_path
     (tree / "conftest.py").write_text(
         "import time\n\ndef pytest_unconfigure(config):\n    time.sleep(30)\n"
     )
-    rc, result, _ = _run(
-        fake, tmp_path, "--test", "tests/kernels/test_b.py", "--time-limit", "6"
-    )
+    rc, result, _ = _run(fake, tmp_path, "--test", "tests/kernels/test_b.py", "--time-limit", "6")
     assert rc == 0, result["verdict"]
     assert "did not exit" in result["verdict"]
     assert result["total"]["passed"] == 2

@@ -34,8 +34,10 @@ AGENTS = """\
 - Other rule.
 """
 MOE_A = PATCH_A[2]["vllm/moe.py"]
-BENCH = ("Measured on H100 (E=8, topk=2, hidden 4096): 41.0 us -> 35.2 us,\n"
-         "1.16x speedup with benchmarks/kernels/benchmark_x.py.\n")  # fmt: skip
+BENCH = (
+    "Measured on H100 (E=8, topk=2, hidden 4096): 41.0 us -> 35.2 us,\n"
+    "1.16x speedup with benchmarks/kernels/benchmark_x.py.\n"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -51,24 +53,46 @@ def project(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     write_pin(pin_for(tarball, "1.0.0"), project / "vllm.pin")
-    make_series(project, files, [
-        (PATCH_A[0], message(PATCH_A[1], extra="\n" + BENCH), PATCH_A[2]),
-        (PATCH_B[0], message(PATCH_B[1]), PATCH_B[2]),
-        ("step-one-more.patch", message("[MoE] Add zero to step one"),
-         {"vllm/moe.py": edit(MOE_A, "return x + 1 + 1\n", "return x + 1 + 1 + 0\n")}),
-        ("bad-test.patch", message("[MoE] Break gate", tests="tests/test_gate.py"),
-         {"vllm/gate.py": edit(GATE, "y = y * 1", "y = y * 1"),
-          "tests/test_gate.py": "def test_gate():\n    assert 1 == 2\n"}),
-        ("bad-format.patch", message("[MoE] Ugly code"),
-         {"vllm/ugly.py": "x=1\n"}),
-    ])  # fmt: skip
+    make_series(
+        project,
+        files,
+        [
+            (PATCH_A[0], message(PATCH_A[1], extra="\n" + BENCH), PATCH_A[2]),
+            (PATCH_B[0], message(PATCH_B[1]), PATCH_B[2]),
+            (
+                "step-one-more.patch",
+                message("[MoE] Add zero to step one"),
+                {"vllm/moe.py": edit(MOE_A, "return x + 1 + 1\n", "return x + 1 + 1 + 0\n")},
+            ),
+            (
+                "bad-test.patch",
+                message("[MoE] Break gate", tests="tests/test_gate.py"),
+                {
+                    "vllm/gate.py": edit(GATE, "y = y * 1", "y = y * 1"),
+                    "tests/test_gate.py": "def test_gate():\n    assert 1 == 2\n",
+                },
+            ),
+            ("bad-format.patch", message("[MoE] Ugly code"), {"vllm/ugly.py": "x=1\n"}),
+        ],
+    )
     return project, tarball
 
 
 def run(project, tarball, tmp_path, *args) -> int:
-    return cli.main(["upstream", *args, "--pin", str(project / "vllm.pin"), "--patches",
-                     str(project / "patches"), "--source", str(tarball),
-                     "--out", str(tmp_path / "out")])  # fmt: skip
+    return cli.main(
+        [
+            "upstream",
+            *args,
+            "--pin",
+            str(project / "vllm.pin"),
+            "--patches",
+            str(project / "patches"),
+            "--source",
+            str(tarball),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
 
 
 def test_clean_patch_gives_branch_patch_and_pr(project, tmp_path, capsys):
@@ -129,8 +153,12 @@ def test_lint_failure_is_reported(project, tmp_path, capsys):
 
 def test_newer_base_and_upstreamed(project, tmp_path, capsys):
     project, tarball = project
-    files = {**BASE_FILES, "AGENTS.md": AGENTS, "vllm/gate.py": PATCH_B[2]["vllm/gate.py"],
-             "vllm/moe.py": edit(MOE, "def step_2(x):", "def step_2(x):  # newer")}
+    files = {
+        **BASE_FILES,
+        "AGENTS.md": AGENTS,
+        "vllm/gate.py": PATCH_B[2]["vllm/gate.py"],
+        "vllm/moe.py": edit(MOE, "def step_2(x):", "def step_2(x):  # newer"),
+    }
     newer = make_release(tmp_path / "releases", "1.1.0", files)
     assert run(project, tarball, tmp_path, "step-one", "--base", str(newer)) == 0
     assert "applies alone on vLLM 1.1.0 (3-way)" in capsys.readouterr().out
@@ -145,7 +173,33 @@ def test_unknown_patch(project, tmp_path, capsys):
 
 
 def test_clean_message_keeps_sign_off():
-    msg = ("[MoE] X\n\nBody.\n\nUpstream: not yet\nStatus: pending\n"
-           "Related: https://x/1\nTests: t.py\nSigned-off-by: A <a@b>\n"
-           "Patch-Filename: x.patch\n")  # fmt: skip
+    msg = (
+        "[MoE] X\n\nBody.\n\nUpstream: not yet\nStatus: pending\n"
+        "Related: https://x/1\nTests: t.py\nSigned-off-by: A <a@b>\n"
+        "Patch-Filename: x.patch\n"
+    )
     assert upstream.clean_message(msg) == "[MoE] X\n\nBody.\n\nSigned-off-by: A <a@b>\n"
+
+
+def test_default_relative_output_directory(project, tmp_path, monkeypatch, capsys):
+    # git runs inside the output tree: a relative default must still work.
+    project, tarball = project
+    monkeypatch.chdir(project)
+    assert (
+        cli.main(
+            [
+                "upstream",
+                "step-one",
+                "--no-tests",
+                "--pin",
+                "vllm.pin",
+                "--patches",
+                "patches",
+                "--source",
+                str(tarball),
+            ]
+        )
+        == 0
+    )
+    assert "applies alone on vLLM 1.0.0 (clean)" in capsys.readouterr().out
+    assert (project / "build" / "upstream" / "step-one" / "PR.md").is_file()
