@@ -228,3 +228,42 @@ def test_auto_falls_back_to_sdist_when_git_is_unreachable(project, served_index,
     pin = load_pin(project.pin)
     base = resolve_base(pin, "auto")  # example.invalid never answers
     assert base.source == "sdist"
+
+
+def _upstream_repo(tmp_path):
+    """A stand-in for the GitHub repository: the release files, tagged."""
+    repo = tmp_path / "upstream"
+    _write_tree(repo, RELEASE_FILES)
+    gitutil.run(repo, "init", "-q")
+    gitutil.run(repo, "add", "-A", "-f")
+    gitutil.run(repo, "commit", "-qm", "release", env=gitutil.env_for(("U", "u@x")))
+    gitutil.run(repo, "tag", f"v{VERSION}")
+    gitutil.run(repo, "commit", "-qm", "later", "--allow-empty", env=gitutil.env_for(("U", "u@x")))
+    return repo, gitutil.rev(repo, f"v{VERSION}")
+
+
+def _pin_git(project, repo, commit):
+    text = project.pin.read_text().replace("abcdef123", commit)
+    project.pin.write_text(text.replace("https://example.invalid/vllm", f"file://{repo}"))
+
+
+@pytest.mark.parametrize("digits", [40, 9], ids=["full-sha", "short-sha-via-tag"])
+def test_git_source_fetches_the_pinned_commit(project, tmp_path, digits):
+    repo, sha = _upstream_repo(tmp_path)
+    _pin_git(project, repo, sha[:digits])
+    assert project.run("apply", "--source", "git") == 0
+    assert project.git("rev-parse", "vllm-base") == sha
+    # The fetch is shallow: only the pinned commit came over.
+    assert project.git("rev-list", "--count", "vllm-base") == "1"
+    # auto takes git when the repository answers.
+    other = project.target.parent / "other"
+    assert project.run("apply", "--target", str(other), "--source", "auto") == 0
+    assert gitutil.rev(other, "vllm-base") == sha
+
+
+def test_git_source_refuses_a_tag_at_another_commit(project, tmp_path, capsys):
+    repo, sha = _upstream_repo(tmp_path)
+    _pin_git(project, repo, "0123456789")
+    assert project.run("apply", "--source", "git") == 5
+    assert "the pin says 0123456789" in capsys.readouterr().err
+    assert not project.target.exists()
