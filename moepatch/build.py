@@ -71,12 +71,16 @@ def read_state(target: Path) -> State | None:
         return None
 
 
-def _write_state(target: Path, state: State) -> None:
-    path = state_path(target)
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def _write_state(target: Path, state: State) -> None:
+    write_json_atomic(state_path(target), asdict(state))
 
 
 def fingerprint(pin_text: bytes, patches: list[Patch]) -> str:

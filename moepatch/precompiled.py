@@ -12,7 +12,6 @@ Only ``--device cuda`` runs need this.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ToolError, VerifyError
+from .index import sha256_file
 
 #: The modules the fused-MoE kernel tests load (``torch.ops._C`` / ``_moe_C``).
 DEFAULT_MODULES = (
@@ -59,14 +59,6 @@ def wheel_filename(version: str, platform: str = "manylinux_2_28_x86_64") -> str
     return f"vllm-{version}-cp38-abi3-{platform}.whl"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_wheel(version: str, wheel: Path | None = None) -> Path:
     """Return a verified local copy of vLLM ``version``'s wheel.
 
@@ -86,7 +78,7 @@ def fetch_wheel(version: str, wheel: Path | None = None) -> Path:
             raise PrecompiledError(f"{wheel}: no such wheel file")
         if wheel.name != name:
             raise PrecompiledError(f"{wheel}: expected the release wheel {name}")
-        if known and _sha256(wheel) != known:
+        if known and sha256_file(wheel) != known:
             raise VerifyError(f"{wheel}: sha256 differs from the release's {known}")
         return wheel
     from . import index  # network code only when needed
@@ -105,7 +97,7 @@ def _sha256_cached(wheel: Path) -> str:
     parent = wheel.parent.name
     if len(parent) == 64 and all(c in "0123456789abcdef" for c in parent):
         return parent
-    return _sha256(wheel)
+    return sha256_file(wheel)
 
 
 def extract_modules(wheel: Path, modules: tuple[str, ...] = DEFAULT_MODULES) -> Path:
@@ -213,7 +205,7 @@ def place_modules(
             raise PrecompiledError(f"{src}: compiled module missing")
         dst = tree / m
         same_size = dst.is_file() and dst.stat().st_size == src.stat().st_size
-        if same_size and _sha256(dst) == _sha256(src):
+        if same_size and sha256_file(dst) == sha256_file(src):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + f".part-{os.getpid()}")

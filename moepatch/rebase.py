@@ -48,7 +48,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import export, gitutil, index, logger
-from .build import BASE_TAG, BRANCH, build, describe_conflict, with_filename_trailer
+from .build import (
+    BASE_TAG,
+    BRANCH,
+    build,
+    describe_conflict,
+    with_filename_trailer,
+    write_json_atomic,
+)
 from .cache import cache_root
 from .errors import ConflictError, NetworkError, TargetError, ToolError, VerifyError
 from .pin import Pin, load_pin, write_pin
@@ -369,11 +376,7 @@ def load_state(work: Path) -> RebaseState | None:
 
 
 def save_state(work: Path, state: RebaseState) -> None:
-    path = _state_path(work)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(_state_path(work), asdict(state))
 
 
 def _backup(work: Path, pin_path: Path, patches_dir: Path) -> None:
