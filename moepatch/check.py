@@ -9,7 +9,7 @@ from . import export
 from .build import build
 from .errors import SeriesError, ToolError
 from .pin import load_pin
-from .series import header_problems, parse_patch, read_series_names
+from .series import header_problems, parse_patch, read_series_names, unlisted_patches
 
 
 @dataclass
@@ -23,9 +23,8 @@ def lint(patches_dir: Path) -> tuple[list, list[str]]:
     patches_dir = Path(patches_dir)
     names = read_series_names(patches_dir)
     problems, patches = [], []
-    for extra in sorted(p.name for p in patches_dir.glob("*.patch")):
-        if extra not in names:
-            problems.append(f"patches/{extra}: not listed in patches/series")
+    for extra in unlisted_patches(patches_dir, names):
+        problems.append(f"patches/{extra}: not listed in patches/series")
     for name in names:
         try:
             patch = parse_patch(name, patches_dir / name)

@@ -26,9 +26,11 @@ release as the commit tagged `vllm-base` and one commit per patch on the branch
 """
 
 EPILOG = """\
-exit codes: 1 other error, 2 usage, 3 bad pin, 4 bad series or patch file,
-5 verification failed, 6 network, 7 patch conflict, 8 target has local work,
-9 target locked, 10 patches/ drifted from the tree, 11 unsafe archive.
+exit codes: 1 other error, 2 usage, 3 bad pin, 4 series file missing or a patch
+file not listed in it, 5 verification failed (hash, version, commit), 6 network
+unreachable, 7 patch conflict, 8 target has local work, 9 target locked,
+10 patches/ drifted from the tree, 11 unsafe archive, 12 truncated download,
+13 series entry listed twice, 14 listed patch file missing, 15 not a patch.
 Downloads and pristine bases are cached in $VLLM_MOE_PATCHES_CACHE
 (default: $XDG_CACHE_HOME/vllm-moe-patches, i.e. ~/.cache/vllm-moe-patches).
 """

@@ -19,9 +19,27 @@ class PinError(ToolError):
 
 
 class SeriesError(ToolError):
-    """patches/series or a patch file is missing, duplicated or not a patch."""
+    """patches/series is missing, or a patch file is not listed in it."""
 
     exit_code = 4
+
+
+class DuplicateEntryError(SeriesError):
+    """patches/series lists a file twice."""
+
+    exit_code = 13
+
+
+class MissingPatchError(SeriesError):
+    """patches/series lists a file that does not exist."""
+
+    exit_code = 14
+
+
+class NotAPatchError(SeriesError):
+    """A listed file is not `git format-patch` text."""
+
+    exit_code = 15
 
 
 class VerifyError(ToolError):
@@ -34,6 +52,12 @@ class NetworkError(ToolError):
     """The index or git remote could not be reached, or a download broke off."""
 
     exit_code = 6
+
+
+class TruncatedError(NetworkError):
+    """A download ended before the size the server announced."""
+
+    exit_code = 12
 
 
 class ConflictError(ToolError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import logger
 from .cache import cache_root
-from .errors import NetworkError, ToolError, VerifyError
+from .errors import NetworkError, ToolError, TruncatedError, VerifyError
 
 _ACCEPT = (
     "application/vnd.pypi.simple.v1+json, "
@@ -210,7 +210,7 @@ def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
                     received += len(chunk)
                     bar.update(len(chunk))
         if total is not None and received != total:
-            raise NetworkError(f"{f.filename}: download truncated ({received} of {total} bytes)")
+            raise TruncatedError(f"{f.filename}: download truncated ({received} of {total} bytes)")
         if digest.hexdigest() != sha:
             raise VerifyError(
                 f"{f.filename}: sha256 mismatch (got {digest.hexdigest()}, want {sha})"

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SeriesError
+from .errors import DuplicateEntryError, MissingPatchError, NotAPatchError, SeriesError
 
 STATUSES = ("pending", "submitted", "accepted", "backport", "inappropriate", "denied")
 _TRAILER = re.compile(r"^([A-Za-z][A-Za-z0-9-]*): (.+)$")
@@ -53,7 +53,7 @@ def read_series_names(patches_dir: Path) -> list[str]:
         if not entry:
             continue
         if entry in names:
-            raise SeriesError(f"{series}:{lineno}: '{entry}' is listed twice")
+            raise DuplicateEntryError(f"{series}:{lineno}: '{entry}' is listed twice")
         if "/" in entry or entry.startswith("."):
             raise SeriesError(f"{series}:{lineno}: '{entry}' is not a plain file name")
         names.append(entry)
@@ -86,19 +86,19 @@ def parse_patch(name: str, path: Path) -> Patch:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise SeriesError(f"{path}: listed in series but missing") from None
+        raise MissingPatchError(f"{path}: listed in series but missing") from None
     text = data.decode("utf-8", "replace")
     lines = text.split("\n")
     if not lines[0].startswith("From ") or "\ndiff --git " not in text:
-        raise SeriesError(f"{path}: not a git format-patch file")
+        raise NotAPatchError(f"{path}: not a git format-patch file")
     try:
         blank = lines.index("")
     except ValueError:
-        raise SeriesError(f"{path}: no blank line after the mail headers") from None
+        raise NotAPatchError(f"{path}: no blank line after the mail headers") from None
     headers = _unfold(lines[1:blank])
     for key in ("From", "Date", "Subject"):
         if not headers.get(key):
-            raise SeriesError(f"{path}: missing '{key}:' header")
+            raise NotAPatchError(f"{path}: missing '{key}:' header")
     message = message_of("\n".join(lines[blank + 1 :]))
     paragraphs = message.strip("\n").split("\n\n")
     trailers: dict[str, list[str]] = {}
@@ -120,10 +120,27 @@ def parse_patch(name: str, path: Path) -> Patch:
     )
 
 
+def unlisted_patches(patches_dir: Path, names: list[str]) -> list[str]:
+    """Patch files in patches/ that the series does not list."""
+    return sorted(p.name for p in Path(patches_dir).glob("*.patch") if p.name not in names)
+
+
 def read_series(patches_dir: Path) -> list[Patch]:
-    """Parse patches/series and every patch it lists, in order."""
+    """Parse patches/series and every patch it lists, in order.
+
+    A patch file that the series does not list is an error too: it is
+    usually one somebody forgot to add, and applying without it would
+    silently build something else.
+    """
     patches_dir = Path(patches_dir)
-    return [parse_patch(n, patches_dir / n) for n in read_series_names(patches_dir)]
+    names = read_series_names(patches_dir)
+    unlisted = unlisted_patches(patches_dir, names)
+    if unlisted:
+        raise SeriesError(
+            f"{patches_dir / unlisted[0]}: not listed in {patches_dir / 'series'}",
+            "add it to the series (or delete it)",
+        )
+    return [parse_patch(n, patches_dir / n) for n in names]
 
 
 def header_problems(patch: Patch) -> list[str]:

@@ -129,5 +129,7 @@ def test_default_releases_from_index_listing(tmp_path, capsys, monkeypatch):
 def test_empty_series_is_an_error(tmp_path, capsys):
     project, tarball = make_project(tmp_path)
     (project / "patches/series").write_text("# nothing\n")
+    for patch in (project / "patches").glob("*.patch"):
+        patch.unlink()
     assert run(project, tarball, "--releases", "1.0.0") == 1
     assert "lists no patches" in capsys.readouterr().err

@@ -320,6 +320,9 @@ def test_series_broken_on_its_own_pin_is_reported(project, tmp_path, capsys):
     project, tarball = project
     other = release(tmp_path, "1.0.0x", vllm__gate_py="def gate(x):\n    return x\n")
     (project / "patches/series").write_text("gate-scale.patch\n")
+    for patch in (project / "patches").glob("*.patch"):
+        if patch.name != "gate-scale.patch":
+            patch.unlink()
     # the pinned tarball is fine; break the patch instead
     p = project / "patches/gate-scale.patch"
     p.write_text(p.read_text().replace("y = y * 1", "y = y * 9"))

@@ -206,7 +206,7 @@ def test_sdist_from_index_is_downloaded_verified_and_cached(project, served_inde
 
 def test_truncated_download_is_refused(project, served_index, capsys):
     served_index.mode = "truncate"
-    assert project.run("apply", "--source", "sdist") == 6
+    assert project.run("apply", "--source", "sdist") == 12
     assert "truncated" in capsys.readouterr().err
     assert not list((project.root.parent / "cache").rglob("*.tar.gz"))
 
