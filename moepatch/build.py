@@ -129,22 +129,26 @@ def with_filename_trailer(patch: Patch) -> bytes:
     return (head + sep + new_message + mail_body[len(message) :]).encode("utf-8")
 
 
-def _am(target: Path, patch: Patch, scratch: Path) -> tuple[bool, str]:
-    mbox = scratch / patch.name
-    mbox.write_bytes(with_filename_trailer(patch))
-    env = gitutil.env_for(gitutil.COMMITTER)
+def am_3way(repo: Path, mbox: Path) -> tuple[bool, str]:
+    """`git am --3way` one patch at HEAD as the fixed committer; (applied, git's output)."""
     status, out, err = gitutil.run(
-        target,
+        repo,
         "am",
         "-q",
         "--keep",
         "--3way",
         "--committer-date-is-author-date",
         str(mbox),
-        env=env,
+        env=gitutil.env_for(gitutil.COMMITTER),
         check=False,
     )
     return status == 0, (out + "\n" + err).strip()
+
+
+def _am(target: Path, patch: Patch, scratch: Path) -> tuple[bool, str]:
+    mbox = scratch / patch.name
+    mbox.write_bytes(with_filename_trailer(patch))
+    return am_3way(target, mbox)
 
 
 def describe_conflict(target: Path, output: str) -> list[str]:

@@ -51,6 +51,7 @@ from . import export, gitutil, index, logger
 from .build import (
     BASE_TAG,
     BRANCH,
+    am_3way,
     build,
     describe_conflict,
     with_filename_trailer,
@@ -283,19 +284,9 @@ def apply_mbox(repo: Path, mbox: Path, keep_conflict: bool = False) -> Outcome:
             why = "the release already has this change (the patch applies in reverse)"
             return Outcome(UPSTREAMED, [why])
     head = gitutil.rev(repo, "HEAD")
-    status, out, err = gitutil.run(
-        repo,
-        "am",
-        "-q",
-        "--keep",
-        "--3way",
-        "--committer-date-is-author-date",
-        str(mbox),
-        env=gitutil.env_for(gitutil.COMMITTER),
-        check=False,
-    )
-    if status != 0:
-        details = describe_conflict(repo, out + "\n" + err) + conflict_hunks(repo)
+    applied, output = am_3way(repo, mbox)
+    if not applied:
+        details = describe_conflict(repo, output) + conflict_hunks(repo)
         details = [d for d in details if d != "Failed to merge in the changes."]
         if not keep_conflict:
             gitutil.run(repo, "am", "--abort", check=False)
