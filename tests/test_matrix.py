@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from release_fixtures import (
     BASE_FILES,
     GATE,
@@ -21,12 +20,6 @@ from release_fixtures import (
 from moepatch import cli, index
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_MOE_PATCHES_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(cli.COMMANDS, "matrix", ("moepatch.matrix", "patch x release"))
 
 
 def releases(tmp_path) -> dict[str, Path]:

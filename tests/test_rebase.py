@@ -27,12 +27,6 @@ from moepatch.series import read_series
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_MOE_PATCHES_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(cli.COMMANDS, "rebase", ("moepatch.rebase", "rebase the series"))
-
-
 @pytest.fixture
 def project(tmp_path):
     project, tarball = make_project(tmp_path)

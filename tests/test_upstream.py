@@ -40,12 +40,6 @@ BENCH = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_MOE_PATCHES_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(cli.COMMANDS, "upstream", ("moepatch.upstream", "one patch as a PR"))
-
-
 @pytest.fixture
 def project(tmp_path):
     files = {**BASE_FILES, "AGENTS.md": AGENTS}
