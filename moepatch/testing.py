@@ -9,17 +9,19 @@ in each patch's row.
 
 Running. pytest runs inside the tree (``cwd`` = tree, tree first on
 ``PYTHONPATH``) with a small reporting plugin that records every test's
-outcome and skip reason, plus a JUnit XML. On ``--device cpu`` the tree is
+outcome and skip reason, plus a JUnit XML; a test that ``--time-limit`` cuts
+off is "unfinished", not red. On ``--device cpu`` the tree is
 imported with ``VLLM_TARGET_DEVICE=cpu`` and Triton kernels run under
 ``TRITON_INTERPRET=1``. On ``--device cuda`` the release wheel's compiled ops
-are placed into the tree first (:mod:`moepatch.precompiled`).
+are placed into the tree first (see ``moepatch/precompiled.py``).
 
 Verdicts. A failed or erroring test is red, whoever wrote it. A skip is a
 skip, reported with its reason, never a pass; an expected failure (xfail) is
 shown apart. Exit status: 0 green; 1 a test failed or errored (or a selected
 file could not be collected); 2 pytest was interrupted or hit the time limit;
 3/4 pytest internal/usage error; 5 pytest collected nothing (its own code 5,
-reported explicitly; ``--allow-empty`` turns it into 0).
+reported explicitly; ``--allow-empty`` turns it into 0); 20 the run cannot
+start (no built tree, unknown patch).
 
 Nothing heavy is imported at module import time: torch is only ever imported
 by the pytest subprocess.
@@ -744,6 +746,11 @@ def format_compare(c: dict) -> str:
 # --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
+
+
+TEST_DOC = "Run the patches' tests and vLLM's upstream tests on a built tree.\n\n" + (
+    __doc__.split("\n\n", 1)[1].replace("``", "`")
+)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
