@@ -773,6 +773,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="run this test file/node too, as its own row (repeatable)",
     )
     p.add_argument(
+        "--skip-test",
+        action="append",
+        metavar="PATH[::NODE]",
+        help="leave this test file/node out of this run (repeatable); the table lists it "
+        "as not run, e.g. to split a long GPU selection over several calls",
+    )
+    p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -884,6 +891,7 @@ def run(args: argparse.Namespace) -> int:
         spec = build_spec(getattr(args, "patches", None) or REPO / "patches", args.device)
     groups = select(spec, args.patch, args.all_moe, args.test)
     exclude = [Selector(**s) for s in spec.get("exclude", [])]
+    exclude += [Selector(t, "left out with --skip-test") for t in args.skip_test or []]
     if not any(g.selectors for g in groups):
         print(
             "no tests are selected (no Tests: trailers and no patches/tests.toml entries)",

@@ -214,6 +214,19 @@ def test_excluded_file_is_not_run_and_says_why(fake, tmp_path):
     assert rc == testing.EXIT_EMPTY  # nothing ran: never a silent pass
 
 
+def test_skip_test_leaves_a_named_file_out(fake, tmp_path):
+    # The file a patch names explicitly is left out (pytest's --ignore would not
+    # drop an explicitly named path) and reported as not run, with the reason.
+    rc, result, _ = _run(
+        fake, tmp_path, "--patch", "one.patch", "--skip-test", "tests/kernels/test_a.py"
+    )
+    row = _row(result, "one.patch")
+    assert rc == 0 and row["collected"] == 2 and row["passed"] == 2
+    assert {"test": "tests/kernels/test_a.py", "reason": "left out with --skip-test"} in row[
+        "not_run"
+    ]
+
+
 def test_collection_error_is_red(fake, tmp_path):
     # on cuda the exclusion does not apply: the import error must show as red
     rc, result, _ = _run(
