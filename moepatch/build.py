@@ -332,9 +332,9 @@ def _fail(target: Path, state: State, patch: Patch, details: list[str], had_buil
         state.failed = patch.name
         _write_state(target, state)
     hint = (
-        f"{where}. Fix or rebase patches/{patch.name} (e.g. `git checkout {FAILED_BRANCH}` "
-        f"in {target}, `git am -3 {patch.path}`, resolve, commit, then `python apply.py "
-        "export`), or drop it from patches/series, and run apply.py again."
+        f"{where}. To fix patches/{patch.name}: in {target}, `git checkout {FAILED_BRANCH}`, "
+        f"`git am -3 -k {patch.path.resolve()}`, resolve, `git am --continue`, then "
+        "`python apply.py export` and `python apply.py` again; or drop it from patches/series."
     )
     raise ConflictError(
         f"patch {patch.name} does not apply: {'; '.join(details) or 'see git am output'}",

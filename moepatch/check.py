@@ -58,7 +58,7 @@ def check(pin_path: Path, patches_dir: Path, source: str = "auto") -> CheckRepor
                     report.problems.append(
                         f"patches/{patch.name}: 'Tests: {test}' does not exist in the patched tree"
                     )
-        rendered = export.render(tree, f"{export.BASE_TAG}..{export.BRANCH}")
+        rendered = export.render(tree, f"{export.BASE_TAG}..HEAD")
         for name in export.drift(patches_dir, rendered):
             report.problems.append(
                 f"patches/{name}: differs from what apply + export produce "

@@ -164,7 +164,9 @@ def run_status(args) -> int:
 def configure_export(parser) -> None:
     _target_arg(parser)
     parser.add_argument(
-        "--range", dest="revision_range", help=f"commits to export (default: {BASE_TAG}..{BRANCH})"
+        "--range",
+        dest="revision_range",
+        help=f"commits to export (default: {BASE_TAG}..HEAD, i.e. what is checked out)",
     )
     parser.add_argument(
         "--check",
@@ -176,12 +178,14 @@ def configure_export(parser) -> None:
 EXPORT_DOC = """\
 Rewrite patches/ from the built tree.
 
-Formats each commit of vllm-base..patched with fixed settings
-(`git format-patch --zero-commit --full-index --no-signature --no-stat
---keep-subject`), names it after its `Patch-Filename:` trailer (or its subject
-for a new commit), removes that trailer, deletes the old patch files and
-rewrites patches/series in commit order, keeping its leading comment.
-apply then export reproduces patches/ byte for byte.
+Formats each commit of vllm-base..HEAD (normally the branch `patched`; after a
+failed build, `moepatch/failed` once you have fixed it there) with fixed
+settings (`git format-patch --zero-commit --full-index --no-signature --no-stat
+--keep-subject`), names it after its `Patch-Filename:` trailer (a commit made by
+hand: the patch file with the same subject, else a slug of the subject),
+removes that trailer, deletes the old patch files and rewrites patches/series
+in commit order, keeping its leading comment. apply then export reproduces
+patches/ byte for byte.
 """
 
 

@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 from . import gitutil, logger
-from .build import BASE_TAG, BRANCH, FILENAME_TRAILER
-from .errors import DriftError, ToolError
+from .build import BASE_TAG, FILENAME_TRAILER
+from .errors import DriftError, SeriesError, ToolError
+from .series import mail_subject, parse_patch
 
 FORMAT_PATCH = (
     "format-patch",
@@ -29,13 +30,26 @@ FORMAT_PATCH = (
 _TRAILER_LINE = re.compile(rf"^{FILENAME_TRAILER}: (\S+)\n", re.M)
 
 
+def _untagged(subject: str) -> str:
+    """A subject without its leading [tags] (plain `git am` drops them)."""
+    return re.sub(r"^(\s*\[[^\]]*\])+\s*", "", subject).strip()
+
+
 def _slug(subject: str) -> str:
     words = re.sub(r"\[[^\]]*\]", "", subject).lower()
     return re.sub(r"[^a-z0-9]+", "-", words).strip("-")[:52] + ".patch"
 
 
-def render(target: Path, revision_range: str) -> list[tuple[str, bytes]]:
-    """(file name, bytes) for each commit of the range, oldest first."""
+def render(
+    target: Path, revision_range: str, known: dict[str, str] | None = None
+) -> list[tuple[str, bytes]]:
+    """(file name, bytes) for each commit of the range, oldest first.
+
+    A commit's file name comes from its `Patch-Filename:` trailer; a commit
+    without one (made by hand in the tree) takes the name of the known patch
+    with the same subject (`known`: subject -> file name), else a slug of its
+    subject.
+    """
     scratch = Path(tempfile.mkdtemp(prefix="moepatch-export-"))
     try:
         gitutil.run(target, *FORMAT_PATCH, "-o", str(scratch), revision_range)
@@ -47,8 +61,8 @@ def render(target: Path, revision_range: str) -> list[tuple[str, bytes]]:
                 name = match.group(1)
                 text = text[: match.start()] + text[match.end() :]
             else:
-                subject = re.search(r"^Subject: (.*)$", text, re.M).group(1)
-                name = _slug(subject)
+                subject = mail_subject(text)
+                name = (known or {}).get(_untagged(subject)) or _slug(subject)
             result.append((name, text.encode("utf-8")))
         names = [n for n, _ in result]
         if len(set(names)) != len(names):
@@ -56,6 +70,17 @@ def render(target: Path, revision_range: str) -> list[tuple[str, bytes]]:
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def known_names(patches_dir: Path) -> dict[str, str]:
+    """Subject -> file name of the patch files now in patches/."""
+    known = {}
+    for path in sorted(Path(patches_dir).glob("*.patch")):
+        try:
+            known[_untagged(parse_patch(path.name, path).subject)] = path.name
+        except SeriesError:
+            continue
+    return known
 
 
 def series_text(old: str | None, names: list[str]) -> str:
@@ -92,8 +117,8 @@ def export(target: Path, patches_dir: Path, revision_range: str | None = None) -
     target, patches_dir = Path(target), Path(patches_dir)
     if not gitutil.is_repo(target) or not gitutil.rev(target, BASE_TAG):
         raise ToolError(f"{target}: not a tree built by apply.py (no '{BASE_TAG}' tag)")
-    revision_range = revision_range or f"{BASE_TAG}..{BRANCH}"
-    rendered = render(target, revision_range)
+    revision_range = revision_range or f"{BASE_TAG}..HEAD"
+    rendered = render(target, revision_range, known_names(patches_dir))
     series = patches_dir / "series"
     old = series.read_text(encoding="utf-8") if series.is_file() else None
     for path in patches_dir.glob("*.patch"):
@@ -107,7 +132,7 @@ def export(target: Path, patches_dir: Path, revision_range: str | None = None) -
 
 
 def check_drift(target: Path, patches_dir: Path) -> None:
-    drifted = drift(patches_dir, render(target, f"{BASE_TAG}..{BRANCH}"))
+    drifted = drift(patches_dir, render(target, f"{BASE_TAG}..HEAD", known_names(patches_dir)))
     if drifted:
         raise DriftError(
             f"{patches_dir}: differs from the built tree: {', '.join(drifted)}",

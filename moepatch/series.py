@@ -82,6 +82,12 @@ def _unfold(header_lines: list[str]) -> dict[str, str]:
     return headers
 
 
+def mail_subject(text: str) -> str:
+    """The (unfolded) Subject: header of `git format-patch` text."""
+    header_lines = text.split("\n\n", 1)[0].split("\n")[1:]
+    return _unfold(header_lines).get("Subject", "")
+
+
 def parse_patch(name: str, path: Path) -> Patch:
     try:
         data = path.read_bytes()

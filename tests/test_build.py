@@ -95,6 +95,35 @@ def test_first_build_conflict_leaves_last_good_patch(project, two_patches):
     assert not gitutil.dirty_paths(project.target)
 
 
+def test_fixing_a_failed_patch_as_the_hint_says(project, two_patches, capsys):
+    """First build fails; fix the patch on moepatch/failed, export, apply again."""
+    clash = make_patch(
+        RELEASE_FILES, {"vllm/moe.py": moe_with(10, "line TEN")}, "[MoE] Clash with line ten"
+    )
+    project.set_series({"line-ten.patch": two_patches["line-ten.patch"], "clash.patch": clash})
+    assert project.run() == 7
+    assert "git am -3 -k" in capsys.readouterr().err
+    # What the user does by hand: resolve the clash (keep the patch's intent)
+    # and commit with the patch's own message, no Patch-Filename trailer.
+    status, _, _ = gitutil.run(
+        project.target, "am", "-3", "-k", str(project.patches / "clash.patch"), check=False
+    )
+    assert status != 0
+    (project.target / "vllm/moe.py").write_text(moe_with(10, "line TEN"))
+    gitutil.run(project.target, "add", "vllm/moe.py")
+    gitutil.run(project.target, "am", "--continue", env=gitutil.env_for(("Me", "me@x")))
+    assert project.run("export") == 0
+    # The fixed commit went back to its own file name, in series order.
+    assert (project.patches / "series").read_text().split()[-2:] == [
+        "line-ten.patch",
+        "clash.patch",
+    ]
+    assert b"+line TEN" in (project.patches / "clash.patch").read_bytes()
+    assert project.run() == 0
+    assert subjects(project) == ["[MoE] Change line ten", "[MoE] Clash with line ten"]
+    assert project.run("export", "--check") == 0
+
+
 def subjects_on(project, ref):
     return project.git("log", "--format=%s", f"vllm-base..{ref}").splitlines()[::-1]
 
