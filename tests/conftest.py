@@ -1,11 +1,10 @@
 """Hermetic fixtures: a fake vLLM release as an sdist tarball, its pin, a series."""
 
 import hashlib
-import io
-import tarfile
 from pathlib import Path
 
 import pytest
+from release_fixtures import write_tarball
 
 from moepatch import gitutil, logger
 from moepatch.cli import main
@@ -28,13 +27,7 @@ RELEASE_FILES = {
 
 
 def make_tarball(path: Path, files: dict[str, str], top: str = f"vllm-{VERSION}") -> str:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in sorted(files.items()):
-            data = text.encode()
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size = len(data)
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
+    write_tarball(path, top, files)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -61,21 +61,25 @@ def commit_for(version: str) -> str:
     return hashlib.sha1(version.encode()).hexdigest()[:9]
 
 
+def write_tarball(path: Path, top: str, files: dict[str, str]) -> Path:
+    """An sdist-shaped .tar.gz of `files` under `top/`, with deterministic bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(files):
+            data = files[name].encode()
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+    return path
+
+
 def make_release(where: Path, version: str, files: dict[str, str]) -> Path:
     """Write vllm-<version>.tar.gz (deterministic bytes) into `where`."""
     where.mkdir(parents=True, exist_ok=True)
     top = f"vllm-{version}"
     all_files = {**files, "vllm/_version.py": version_file(version, commit_for(version))}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(all_files):
-            data = all_files[name].encode()
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    path = where / f"{top}.tar.gz"
-    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
-    return path
+    return write_tarball(where / f"{top}.tar.gz", top, all_files)
 
 
 def sha256(path: Path) -> str:
