@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from . import export, gitutil
-from .build import BASE_TAG, BRANCH, build, read_state
+from .build import BASE_TAG, BRANCH, build, fingerprint, read_state
 from .check import check
 from .errors import DriftError, SeriesError
 from .pin import load_pin
@@ -105,8 +105,6 @@ def run_status(args) -> int:
     patches = read_series(args.patches)
     state = read_state(args.target) if gitutil.is_repo(args.target) else None
     applied = {a["name"]: a["commit"] for a in (state.applied if state else [])}
-    from .build import fingerprint
-
     current = state is not None and state.fingerprint == fingerprint(args.pin.read_bytes(), patches)
     rows = []
     for p in patches:
