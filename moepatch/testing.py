@@ -122,6 +122,18 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+def pytest_runtest_setup(item):
+    # vLLM's CI runs each test directory as its own job; here several share a
+    # worker. tests/kernels/moe turns per-test cleanup off and cleans on entry
+    # only its own `dist_init` users, so a test there that leaves the
+    # model-parallel groups up would fail the next `dist_init` test of another
+    # directory. Give those the same clean entry.
+    if "dist_init" in item.fixturenames and not item.nodeid.startswith("tests/kernels/moe/"):
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
 def pytest_collection_finish(session):
     if not hasattr(session.config, "workerinput"):
         _write({"event": "collected", "count": len(session.items)})

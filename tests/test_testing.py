@@ -228,6 +228,49 @@ def test_skip_test_leaves_a_named_file_out(fake, tmp_path):
     ]
 
 
+def test_dist_init_tests_outside_kernels_moe_start_clean(fake, tmp_path):
+    # A tests/kernels/moe test that leaves the model-parallel state up (that
+    # directory turns per-test cleanup off) must not fail a later `dist_init`
+    # test of another directory in the same pytest session.
+    tree, _ = fake
+    files = {
+        "vllm/distributed/__init__.py": (
+            "STATE = None\n\n"
+            "def cleanup_dist_env_and_memory():\n"
+            "    global STATE\n"
+            "    STATE = None\n"
+        ),
+        "tests/kernels/moe/__init__.py": "",
+        "tests/kernels/moe/test_leaves_state.py": (
+            "import vllm.distributed as d\n\ndef test_leaves_state():\n    d.STATE = 'up'\n"
+        ),
+        "tests/layers/__init__.py": "",
+        "tests/layers/test_uses_dist.py": (
+            "import pytest\nimport vllm.distributed as d\n\n"
+            "@pytest.fixture\ndef dist_init():\n"
+            "    assert d.STATE is None, 'already initialized'\n"
+            "    d.STATE = 'up'\n    yield\n    d.STATE = None\n\n"
+            "def test_uses_dist(dist_init):\n    pass\n"
+        ),
+    }
+    for name, text in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    rc, result, _ = _run(
+        fake,
+        tmp_path,
+        "--patch",
+        "two.patch",
+        "--test",
+        "tests/kernels/moe/test_leaves_state.py",
+        "--test",
+        "tests/layers/test_uses_dist.py",
+    )
+    assert result["nodes"]["tests/kernels/moe/test_leaves_state.py::test_leaves_state"] == "passed"
+    assert result["nodes"]["tests/layers/test_uses_dist.py::test_uses_dist"] == "passed"
+    assert rc == 0
+
+
 def test_collection_error_is_red(fake, tmp_path):
     # on cuda the exclusion does not apply: the import error must show as red
     rc, result, _ = _run(
