@@ -5,7 +5,7 @@ The device machine has torch, triton and pytest but no network, no vLLM and
 no git repository of ours. This script packs, into ``.device/bundle/``:
 
 * ``trees/base.tar.xz``: the built tree's pristine base (tag ``vllm-base``):
-  ``vllm/``, ``tests/``, ``pyproject.toml``;
+  ``vllm/``, ``tests/``, ``benchmarks/kernels/``, ``pyproject.toml``;
 * ``trees/patched.tar.xz`` + ``trees/patched.deleted``: only the files the
   series changes (``vllm-base..HEAD`` of the built tree), laid over a copy of
   the base there, so base and patched travel for the price of one tree;
@@ -44,7 +44,7 @@ DEFAULT_OUT = REPO / ".device" / "bundle"
 DEFAULT_WHEELS = REPO / ".device" / "wheels"
 REQUIREMENTS = REPO / "ci" / "device-requirements.txt"
 LIMIT = 64 * 1024 * 1024
-TREE_PATHS = ("vllm", "tests", "pyproject.toml")
+TREE_PATHS = ("vllm", "tests", "benchmarks/kernels", "pyproject.toml")
 PLATFORMS = (
     "manylinux_2_35_x86_64",
     "manylinux_2_34_x86_64",
