@@ -387,6 +387,17 @@ def _skip_reason(message: str) -> str:
     return message.removeprefix("Skipped: ").strip() or "(no reason given)"
 
 
+def _node_outcomes(nodes: dict[str, dict]) -> dict:
+    """The summary's ``nodes`` (id -> outcome) and ``skip_messages`` (id -> reason)."""
+    ordered = sorted(nodes.items())
+    return {
+        "nodes": {k: v["outcome"] for k, v in ordered},
+        "skip_messages": {
+            k: _skip_reason(v["message"]) for k, v in ordered if v["outcome"] == "skipped"
+        },
+    }
+
+
 def summarize(
     groups: list[Group],
     nodes: dict[str, dict],
@@ -695,12 +706,7 @@ def run_pytest(
         "junit": str(junit) if junit else None,
         "groups": rows,
         "total": total,
-        "nodes": {k: v["outcome"] for k, v in sorted(nodes.items())},
-        "skip_messages": {
-            k: _skip_reason(v["message"])
-            for k, v in sorted(nodes.items())
-            if v["outcome"] == "skipped"
-        },
+        **_node_outcomes(nodes),
     }
 
 
@@ -941,12 +947,7 @@ def merge(results: list[dict], names: list[str], label: str | None = None) -> di
         "junit": junits or None,
         "groups": rows,
         "total": total,
-        "nodes": {k: v["outcome"] for k, v in sorted(nodes.items())},
-        "skip_messages": {
-            k: _skip_reason(v["message"])
-            for k, v in sorted(nodes.items())
-            if v["outcome"] == "skipped"
-        },
+        **_node_outcomes(nodes),
         "merged_from": list(names),
         "inputs": [
             {
