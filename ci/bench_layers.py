@@ -523,7 +523,9 @@ class Worker:
         return res
 
     # -- profile --------------------------------------------------------------
-    def profile(self, name: str, n: int, seed: int) -> dict:
+    def profile(
+        self, name: str, n: int, seed: int, cold_replays: int = 0, flush_mb: int = 0
+    ) -> dict:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
@@ -559,7 +561,49 @@ class Worker:
                     "streams": self._streams(kernels),
                     "stream_note": stream_note,
                 }
+            if cold_replays and g is not None:
+                result["cold_replays"] = self._profile_cold_replays(
+                    replay, cold_replays, flush_mb, profile, ProfilerActivity, DeviceType
+                )
         return result
+
+    def _profile_cold_replays(self, replay, count, flush_mb, profile, activities, device_type):
+        """Per-stream timelines of ``count`` graph replays, each on a cold L2.
+
+        The timing runs see the patched block switch between two levels at
+        N = 1 with the shared expert on its aux stream; one profiled replay
+        per run cannot say which stream's timeline moves. Each replay here is
+        profiled alone after the same L2 flush the timing uses.
+        """
+        torch = self.torch
+        size = (flush_mb or 256) << 20
+        if getattr(self, "_flush", None) is None or self._flush.numel() != size:
+            self._flush = torch.empty(size, dtype=torch.int8, device="cuda")
+        replays = []
+        for _ in range(count):
+            self._flush.zero_()
+            self._sync()
+            with profile(activities=[activities.CPU, activities.CUDA]) as prof:
+                replay()
+                self._sync()
+            kernels, _ = self._device_events(prof, device_type)
+            replays.append(
+                {
+                    "span_us": round(
+                        max((k["start_us"] + k["us"] for k in kernels), default=0.0), 3
+                    ),
+                    "streams": self._streams(kernels),
+                    "kernels": [
+                        [k["name"][:60], k["stream"], k["start_us"], k["us"]] for k in kernels
+                    ],
+                }
+            )
+        spans = sorted(r["span_us"] for r in replays)
+        return {
+            "count": count,
+            "span_us": {"min": spans[0], "median": statistics.median(spans), "max": spans[-1]},
+            "replays": replays,
+        }
 
     @staticmethod
     def _device_events(prof, device_type) -> tuple[list[dict], str]:
@@ -1079,7 +1123,14 @@ def run_main(args: argparse.Namespace) -> int:
                 prof = result["profiles"][name] = {}
                 for label in ("base", "patched"):
                     try:
-                        prof[label] = workers[label].call("profile", name=name, n=1, seed=args.seed)
+                        prof[label] = workers[label].call(
+                            "profile",
+                            name=name,
+                            n=1,
+                            seed=args.seed,
+                            cold_replays=args.cold_replays,
+                            flush_mb=args.flush_mb,
+                        )
                     except RuntimeError as e:  # keep the timings if it fails
                         prof[label] = {"error": str(e)[-2000:]}
             for w in workers.values():
@@ -1118,6 +1169,21 @@ def run_main(args: argparse.Namespace) -> int:
                 f"{e.get('n_dtod')} DtoD, sum {e.get('device_us_sum')} us",
                 flush=True,
             )
+            cold = p.get("cold_replays")
+            if cold:
+                ends = {
+                    sid: statistics.median(
+                        r["streams"][sid]["last_end_us"]
+                        for r in cold["replays"]
+                        if sid in r["streams"]
+                    )
+                    for sid in cold["replays"][0]["streams"]
+                }
+                print(
+                    f"  {cold['count']} cold replays: span {cold['span_us']}; median last end "
+                    f"per stream: {ends}",
+                    flush=True,
+                )
     return 0 if "error" not in result else 1
 
 
@@ -1163,6 +1229,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reps", type=int, default=5)
     r.add_argument("--seed", type=int, default=SEED)
     r.add_argument("--no-profile", action="store_true")
+    r.add_argument(
+        "--cold-replays",
+        type=int,
+        default=0,
+        help="also profile this many N=1 graph replays one by one, each on a cold L2 "
+        "(per-stream timelines, to see which stream moves between runs)",
+    )
     r.add_argument("--keep-logs", action="store_true", help="copy worker logs to --out")
     r.add_argument(
         "--flush-mb",
