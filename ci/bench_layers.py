@@ -451,6 +451,13 @@ class Worker:
             out.append(start.elapsed_time(end) * 1000.0 / iters)
         return out
 
+    def _flush_buffer(self, flush_mb: int):
+        """The buffer zeroed before a cold-L2 call (``flush_mb`` MiB), kept across calls."""
+        size = flush_mb << 20
+        if getattr(self, "_flush", None) is None or self._flush.numel() != size:
+            self._flush = self.torch.empty(size, dtype=self.torch.int8, device="cuda")
+        return self._flush
+
     def _percall(self, fn, calls: int, flush_mb: int, warm_ms: float = 20.0):
         """Per-call CUDA-event times, L2 flushed before every call (cold L2).
 
@@ -459,8 +466,7 @@ class Worker:
         weights from HBM as it does in a model whose other layers evict them.
         """
         torch = self.torch
-        if getattr(self, "_flush", None) is None or self._flush.numel() != (flush_mb << 20):
-            self._flush = torch.empty(flush_mb << 20, dtype=torch.int8, device="cuda")
+        self._flush_buffer(flush_mb)
         t0 = time.perf_counter()
         k = 0
         while k < 3 or (time.perf_counter() - t0) * 1e3 < warm_ms:
@@ -480,6 +486,15 @@ class Worker:
         self._sync()
         return [a.elapsed_time(b) * 1000.0 for a, b in zip(starts, ends, strict=False)]
 
+    def _forwards(self, name: str, n: int, seed: int):
+        """(eager forward, graph replay, whether a graph was captured) of one block and N;
+        without a captured graph (CPU smoke) the replay is the eager forward."""
+        block = self.blocks[name]
+        x = self._input(name, n, seed)
+        g, _ = self.graphs[(name, n)]
+        eager = lambda: block(x)  # noqa: E731
+        return eager, (g.replay if g is not None else eager), g is not None
+
     def time(
         self,
         name: str,
@@ -497,13 +512,10 @@ class Worker:
         ``iters[mode]`` back-to-back calls (0: calibrate to ~3 ms loops).
         """
         torch = self.torch
-        block = self.blocks[name]
-        x = self._input(name, n, seed)
-        g, _ = self.graphs[(name, n)]
-        replay = g.replay if g is not None else (lambda: block(x))
+        eager, replay, _ = self._forwards(name, n, seed)
         res: dict = {}
         with torch.inference_mode(), self._fwd_ctx():
-            for mode, fn in (("eager", lambda: block(x)), ("graph", replay)):
+            for mode, fn in (("eager", eager), ("graph", replay)):
                 if flush_mb and not self.smoke:
                     t = sorted(self._percall(fn, calls[mode], flush_mb))
                     q = [t[int(f * (len(t) - 1))] for f in (0.1, 0.25, 0.75, 0.9)]
@@ -530,13 +542,10 @@ class Worker:
         from torch.profiler import ProfilerActivity, profile
 
         torch = self.torch
-        block = self.blocks[name]
-        x = self._input(name, n, seed)
-        g, _ = self.graphs[(name, n)]
-        replay = g.replay if g is not None else (lambda: block(x))
+        eager, replay, captured = self._forwards(name, n, seed)
         result: dict = {}
         with torch.inference_mode(), self._fwd_ctx():
-            for mode, fn in (("eager", lambda: block(x)), ("graph", replay)):
+            for mode, fn in (("eager", eager), ("graph", replay)):
                 for _ in range(3):
                     fn()
                 self._sync()
@@ -554,14 +563,11 @@ class Worker:
                     "device_us_sum": round(sum(k["us"] for k in kernels), 3),
                     # First start to last end on the device, and per stream
                     # (the shared expert may run on an aux stream, overlapped).
-                    "span_us": round(
-                        max((k["start_us"] + k["us"] for k in kernels), default=0.0),
-                        3,
-                    ),
+                    "span_us": self._span(kernels),
                     "streams": self._streams(kernels),
                     "stream_note": stream_note,
                 }
-            if cold_replays and g is not None:
+            if cold_replays and captured:
                 result["cold_replays"] = self._profile_cold_replays(
                     replay, cold_replays, flush_mb, profile, ProfilerActivity, DeviceType
                 )
@@ -575,10 +581,7 @@ class Worker:
         per run cannot say which stream's timeline moves. Each replay here is
         profiled alone after the same L2 flush the timing uses.
         """
-        torch = self.torch
-        size = (flush_mb or 256) << 20
-        if getattr(self, "_flush", None) is None or self._flush.numel() != size:
-            self._flush = torch.empty(size, dtype=torch.int8, device="cuda")
+        self._flush_buffer(flush_mb or 256)
         replays = []
         for _ in range(count):
             self._flush.zero_()
@@ -589,9 +592,7 @@ class Worker:
             kernels, _ = self._device_events(prof, device_type)
             replays.append(
                 {
-                    "span_us": round(
-                        max((k["start_us"] + k["us"] for k in kernels), default=0.0), 3
-                    ),
+                    "span_us": self._span(kernels),
                     "streams": self._streams(kernels),
                     "kernels": [
                         [k["name"][:60], k["stream"], k["start_us"], k["us"]] for k in kernels
@@ -645,6 +646,11 @@ class Worker:
             k["start_us"] = round(k["start_us"] - t0, 3)
             k["us"] = round(k["us"], 3)
         return kernels, note
+
+    @staticmethod
+    def _span(kernels: list[dict]) -> float:
+        """First start to last end on the device, in us."""
+        return round(max((k["start_us"] + k["us"] for k in kernels), default=0.0), 3)
 
     @staticmethod
     def _streams(kernels: list[dict]) -> dict:
