@@ -30,7 +30,8 @@ a pipe, one at a time, so the GPU only ever runs one of them:
 * every worker saves its eager output per (config, N) to disk; the parent
   compares base vs patched (bf16 rounding) and graph vs eager;
 * one forward per config at N=1 is profiled (torch.profiler): device kernels
-  in order with their times, and the device-to-device copies.
+  in order with their times, and the device-to-device copies; with
+  ``--cold-replays K`` also K cold graph replays, one timeline per replay.
 
 Spread: for each (config, N, mode) the per-round times of the *same* tree
 differ only by noise. ``noise_pct`` is the largest deviation of a base round
@@ -38,6 +39,9 @@ from the base median (base vs base within one process, in %). With ``--aa`` a
 third worker runs the base tree again, timed in the same rotation, and
 ``aa_ratio`` = base median / base2 median catches the process-to-process part
 (allocation layout, CPU placement) that rounds inside one process cannot see.
+``--also LABEL=TREE`` (repeatable) adds further workers to the same rotation,
+reported as base / LABEL: a second process of the patched tree, or a
+diagnostic variant made by ``ci/layer_variants.py`` (``ci/device_race.sh``).
 ``spread_pct`` = max(noise_pct, |aa_ratio - 1| * 100, ``--spread-floor``)
 (floor 1%: the A/A run on the H100 showed base vs base within 0.7% under
 graphs except one shape). The per-round speed-up ratios' min/max are reported
@@ -349,8 +353,16 @@ class Worker:
         return set_forward_context(None, self.vc)
 
     # -- per-config preparation ---------------------------------------------
-    def prepare(self, name: str, ns: list[int], seed: int) -> dict:
-        """Warm up, save eager outputs, capture one CUDA graph per N."""
+    def prepare(
+        self, name: str, ns: list[int], seed: int, capture_priority: int | None = None
+    ) -> dict:
+        """Warm up, save eager outputs, capture one CUDA graph per N.
+
+        With ``capture_priority`` the graph is captured on a stream of that
+        priority. PyTorch instantiates graphs with node priorities, so the
+        block's main-stream kernels keep it on replay while the shared
+        expert's aux stream keeps its own (vLLM creates it with the default, 0).
+        """
         torch = self.torch
         block = self.blocks[name]
         info: dict = {}
@@ -389,7 +401,12 @@ class Worker:
                 torch.cuda.current_stream().wait_stream(side)
                 self._sync()
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool):
+                capture = (
+                    None
+                    if capture_priority is None
+                    else torch.cuda.Stream(priority=capture_priority)
+                )
+                with torch.cuda.graph(g, pool=self.pool, stream=capture):
                     gy = block(x)
                 g.replay()
                 self._sync()
@@ -576,32 +593,45 @@ class Worker:
     def _profile_cold_replays(self, replay, count, flush_mb, profile, activities, device_type):
         """Per-stream timelines of ``count`` graph replays, each on a cold L2.
 
-        The timing runs see the patched block switch between two levels at
-        N = 1 with the shared expert on its aux stream; one profiled replay
-        per run cannot say which stream's timeline moves. Each replay here is
-        profiled alone after the same L2 flush the timing uses.
+        Queued as the timing queues them (flush, replay, flush, replay, ...,
+        no host sync in between) in one profiler session, then cut at the
+        flush kernels, which run on the launch stream before each replay.
+        One profiled replay cannot show which stream's timeline moves from
+        one replay to the next; these can (``ci/plot_layers.py race``).
         """
         self._flush_buffer(flush_mb or 256)
-        replays = []
-        for _ in range(count):
-            self._flush.zero_()
-            self._sync()
-            with profile(activities=[activities.CPU, activities.CUDA]) as prof:
+        self._sync()
+        with profile(activities=[activities.CPU, activities.CUDA]) as prof:
+            for _ in range(count):
+                self._flush.zero_()
                 replay()
-                self._sync()
-            kernels, _ = self._device_events(prof, device_type)
+            self._sync()
+        kernels, _ = self._device_events(prof, device_type)
+        # The flush is the only int8 fill: the graph's own kernels share its
+        # stream, so the stream alone does not tell them apart.
+        flushes = [
+            i for i, k in enumerate(kernels) if "FillFunctor<" in k["name"] and "char>" in k["name"]
+        ]
+        if len(flushes) != count:
+            return {"count": count, "error": f"found {len(flushes)} flush kernels"}
+        replays = []
+        for j, i in enumerate(flushes):
+            stop = flushes[j + 1] if j + 1 < len(flushes) else len(kernels)
+            flush_end = kernels[i]["start_us"] + kernels[i]["us"]
+            ks = [
+                dict(k, start_us=round(k["start_us"] - flush_end, 3)) for k in kernels[i + 1 : stop]
+            ]
             replays.append(
                 {
-                    "span_us": self._span(kernels),
-                    "streams": self._streams(kernels),
-                    "kernels": [
-                        [k["name"][:60], k["stream"], k["start_us"], k["us"]] for k in kernels
-                    ],
+                    "span_us": self._span(ks),
+                    "streams": self._streams(ks),
+                    "kernels": [[k["name"][:60], k["stream"], k["start_us"], k["us"]] for k in ks],
                 }
             )
         spans = sorted(r["span_us"] for r in replays)
         return {
             "count": count,
+            "span_from": "the end of the flush kernel before the replay",
             "span_us": {"min": spans[0], "median": statistics.median(spans), "max": spans[-1]},
             "replays": replays,
         }
@@ -948,6 +978,17 @@ def summarize_rows(rows: list[dict], floor_pct: float = 0.0) -> None:
                 "base_rounds_us": [round(x, 3) for x in b],
                 "patched_rounds_us": [round(x, 3) for x in p],
             }
+            also = [k for k in row["rounds"][0] if k not in ("base", "patched", "order")]
+            if also:
+                # Further trees (--also), each as base / that tree's median.
+                row[mode]["also"] = {}
+                for label in also:
+                    t = [r[label][mode]["us"] for r in row["rounds"]]
+                    row[mode]["also"][label] = {
+                        "us": round(statistics.median(t), 3),
+                        "speedup": round(bm / statistics.median(t), 4),
+                        "rounds_us": [round(x, 3) for x in t],
+                    }
 
 
 def verdict(result: dict) -> dict:
@@ -993,13 +1034,17 @@ def run_main(args: argparse.Namespace) -> int:
             raise SystemExit("give --bundle, or --base and --patched")
         base, patched = Path(args.base).resolve(), Path(args.patched).resolve()
     trees = {"base": base, "patched": patched}
-    if args.aa:
-        trees["base2"] = base
     revs = {
         "base": args.base_rev or manifest.get("trees", {}).get("base_rev"),
         "patched": args.patched_rev or manifest.get("trees", {}).get("head_rev"),
     }
-    revs["base2"] = revs["base"]
+    for spec in (["base2=base"] if args.aa else []) + (args.also or []):
+        label, _, tree = spec.partition("=")
+        if not tree or label in trees or label == "order":
+            raise SystemExit(f"--also {spec}: want a new LABEL=TREE")
+        # "base" / "patched" name the trees above (a second process of the same tree).
+        trees[label] = trees.get(tree) or Path(tree).resolve()
+        revs[label] = revs.get(tree)
     configs = args.configs.split(",") if args.configs else list(CONFIGS)
     ns = [int(v) for v in args.ns.split(",")] if args.ns else list(DEFAULT_NS)
     result: dict = {
@@ -1029,6 +1074,7 @@ def run_main(args: argparse.Namespace) -> int:
             + "; eager = block(x) inside set_forward_context; graph = replay "
             "of one captured forward",
             "flush_mb": args.flush_mb,
+            "capture_priority": args.capture_priority,
             "calls_graph": args.calls_graph,
             "calls_eager": args.calls_eager,
             "spread": "noise_pct = max over rounds |base_round/base_median - 1| "
@@ -1075,7 +1121,13 @@ def run_main(args: argparse.Namespace) -> int:
             if len({b["weights_sha256"] for b in built.values()}) != 1:
                 raise RuntimeError(f"{name}: the workers' weights differ: {built}")
             for w in workers.values():
-                w.send("prepare", name=name, ns=ns, seed=args.seed)
+                w.send(
+                    "prepare",
+                    name=name,
+                    ns=ns,
+                    seed=args.seed,
+                    capture_priority=args.capture_priority,
+                )
             prep = {k: w.recv() for k, w in workers.items()}
             result["prepare"][name] = prep
             _log(f"{name}: built and captured in {time.time() - t0:.1f} s")
@@ -1113,11 +1165,12 @@ def run_main(args: argparse.Namespace) -> int:
                     workers["base"].outdir / name / f"{n}.pt",
                     workers["patched"].outdir / name / f"{n}.pt",
                 )
-                if "base2" in workers:
-                    rows[n]["outputs"]["base2_identical"] = compare_outputs(
-                        workers["base"].outdir / name / f"{n}.pt",
-                        workers["base2"].outdir / name / f"{n}.pt",
-                    )["identical"]
+                for label in workers:
+                    if label not in ("base", "patched"):
+                        rows[n]["outputs"][label] = compare_outputs(
+                            workers["base"].outdir / name / f"{n}.pt",
+                            workers[label].outdir / name / f"{n}.pt",
+                        )
                 for label in workers:
                     p = prep[label][str(n)] if str(n) in prep[label] else prep[label][n]
                     rows[n]["outputs"][f"{label}_graph_vs_eager_max_abs"] = p[
@@ -1127,7 +1180,7 @@ def run_main(args: argparse.Namespace) -> int:
             result["rows"].extend(rows.values())
             if not args.no_profile and 1 in ns:
                 prof = result["profiles"][name] = {}
-                for label in ("base", "patched"):
+                for label in workers:
                     try:
                         prof[label] = workers[label].call(
                             "profile",
@@ -1176,7 +1229,7 @@ def run_main(args: argparse.Namespace) -> int:
                 flush=True,
             )
             cold = p.get("cold_replays")
-            if cold:
+            if cold and cold.get("replays"):
                 ends = {
                     sid: statistics.median(
                         r["streams"][sid]["last_end_us"]
@@ -1214,6 +1267,11 @@ def format_rows(rows: list[dict]) -> str:
             f"{g['ratio_max']:>6.3f} {g['spread_pct']:>6.2f} | "
             f"{'ok' if o.get('ok') else 'BAD'} {o.get('rel_l2', float('nan')):.1e}"
         )
+        for label, a in g.get("also", {}).items():
+            lines.append(
+                f"{'':<16}{'':>6}   graph base/{label}: {a['speedup']:.3f} "
+                f"({a['us']:.1f} us; rounds {a['rounds_us']})"
+            )
     return "\n".join(lines)
 
 
@@ -1242,6 +1300,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also profile this many N=1 graph replays one by one, each on a cold L2 "
         "(per-stream timelines, to see which stream moves between runs)",
     )
+    r.add_argument(
+        "--capture-priority",
+        type=int,
+        help="capture the graphs on a stream of this CUDA priority (e.g. -1: the "
+        "block's main stream above the shared experts' aux stream); default: "
+        "torch.cuda.graph's own capture stream, priority 0 like vLLM's",
+    )
     r.add_argument("--keep-logs", action="store_true", help="copy worker logs to --out")
     r.add_argument(
         "--flush-mb",
@@ -1261,7 +1326,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--aa",
         action="store_true",
-        help="also time a second base worker (base vs base across processes)",
+        help="also time a second base worker (base vs base across processes); "
+        "its ratio joins the spread (same as --also base2=base)",
+    )
+    r.add_argument(
+        "--also",
+        action="append",
+        metavar="LABEL=TREE",
+        help="also time this tree (a path, or base / patched for a second process of "
+        "that tree) in the same rotation, reported as base / LABEL; repeatable",
     )
     m = sub.add_parser("summarize", help="recompute medians/spread/verdict of a layers.json (here)")
     m.add_argument("json")
