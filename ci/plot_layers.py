@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
+import statistics
 import sys
 from pathlib import Path
 
@@ -227,12 +229,104 @@ def write_png(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _race(kernels: list[list]) -> dict | None:
+    """One profiled replay: does the routed experts' first GEMM (w13) start
+    before the shared expert's down projection (the kernel after its SiLU)?"""
+    w13 = next((k for k in kernels if k[0].startswith("fused_moe_kernel")), None)
+    silu = next((k for k in kernels if "fused_mul_silu" in k[0]), None)
+    if w13 is None or silu is None:
+        return None
+    after = [k for k in kernels if k[1] == silu[1] and k[2] > silu[2]]
+    if not after:
+        return None
+    down = min(after, key=lambda k: k[2])
+    span = max(k[2] + k[3] for k in kernels) - min(k[2] for k in kernels)
+    return {"routed_first": w13[2] < down[2], "span": span, "w13_start": w13[2]}
+
+
+def _graph_us(res: dict, config: str, label: str) -> float | None:
+    for row in res.get("rows", []):
+        if row["config"] == config and row["n"] == 1 and row.get("graph"):
+            g = row["graph"]
+            if label in ("base", "patched"):
+                return g[f"{label}_us"]
+            return g.get("also", {}).get(label, {}).get("us")
+    return None
+
+
+def race_md(results: list[tuple[str, dict]]) -> str:
+    """Per process: timed graph replay, and which branch won the race in its
+    profiled cold replays (``ci/bench_layers.py --cold-replays``)."""
+    med = statistics.median
+    lines = []
+    for run, res in results:
+        v, st, t = res.get("versions", {}), res.get("settings", {}), res.get("trees", {})
+        prio = st.get("capture_priority")
+        lines.append(
+            f"- `{run}`: {v.get('device', '?')}, {res.get('date', '?')}, torch "
+            f"{v.get('torch', '?')}, triton {v.get('triton', '?')}; base "
+            f"`{_short(t.get('base', {}).get('rev'))}`, patched "
+            f"`{_short(t.get('patched', {}).get('rev'))}`; N = 1, {st.get('rounds', '?')} "
+            f"rounds x {st.get('calls_graph', '?')} cold graph replays; graphs captured at "
+            + ("the default stream priority (0, as vLLM)" if prio is None else f"priority {prio}")
+        )
+    lines += [
+        "",
+        "Per process (tree): the timed median of the block's CUDA-graph replay, and in "
+        "its 40 profiled cold replays (queued like the timing: flush, replay, ...) how "
+        "often the routed experts' first GEMM (w13) started before the shared expert's "
+        "down projection, the replay's device span (µs from the end of the flush) in "
+        "each case, and the median w13 start. Trees: second processes of the same tree "
+        "are `base2`/`patched2`; `nogate`, `pad3`, `rf-*` are `ci/layer_variants.py`'s.",
+        "",
+        "| block | run | process (tree) | graph replay µs (timed) | replays routed w13 first "
+        "| span routed first | span shared down first | w13 start |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for run, res in results:
+        for config, prof in res.get("profiles", {}).items():
+            for label, p in prof.items():
+                reps = (p.get("cold_replays") or {}).get("replays") or []
+                got = [r for r in (_race(x["kernels"]) for x in reps) if r]
+                if not got:
+                    continue
+                won = [r["span"] for r in got if r["routed_first"]]
+                lost = [r["span"] for r in got if not r["routed_first"]]
+                us = _graph_us(res, config, label)
+                lines.append(
+                    f"| {config} | {run} | {label} | {'-' if us is None else f'{us:.1f}'} | "
+                    f"{len(won)}/{len(got)} | {f'{med(won):.1f}' if won else '-'} | "
+                    f"{f'{med(lost):.1f}' if lost else '-'} | "
+                    f"{med(r['w13_start'] for r in got):.1f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def _load(path: Path) -> dict:
+    raw = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
+    return json.loads(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=str(REPO / "results" / "layers-h100.json"))
     ap.add_argument("--png", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument(
+        "--race",
+        nargs="+",
+        metavar="JSON",
+        help="instead: tabulate the per-replay race of these ci/device_race.sh results "
+        "(.json or .json.xz) into --md",
+    )
     args = ap.parse_args(argv)
+    if args.race:
+        if not args.md:
+            ap.error("--race needs --md")
+        runs = [(Path(f).name.split(".json")[0], _load(Path(f))) for f in args.race]
+        Path(args.md).write_text(race_md(runs))
+        print(f"wrote {args.md}")
+        return 0
     src = Path(args.json)
     res = json.loads(src.read_text())
     md = Path(args.md) if args.md else src.with_suffix(".md")
