@@ -3,6 +3,9 @@
 A release is an sdist-shaped tarball (``vllm-X/vllm/_version.py`` plus a few
 files); a project is a directory with ``vllm.pin`` and ``patches/`` made from
 real commits on the release tree, exported like the project's own patches.
+``RELEASE_FILES`` / ``Project`` are the one-release checkout the build and
+source tests drive through the CLI; ``BASE_FILES`` / ``make_project`` the
+multi-release setup of the rebase, matrix and upstream tests.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ import hashlib
 import io
 import shutil
 import tarfile
+import tempfile
 import textwrap
 from pathlib import Path
 
 from moepatch import export, gitutil
-from moepatch.pin import Pin, write_pin
+from moepatch.cli import main
+from moepatch.pin import Pin, format_pin, write_pin
 
 IDENT = ("vllm-moe-patches", "vllm-moe-patches@users.noreply.github.com")
+DEV = ("Dev", "dev@example.invalid")
 DATE = "2026-11-25T12:00:00+00:00"
 REPOSITORY = "https://example.invalid/vllm-project/vllm"
 
@@ -102,26 +108,25 @@ def message(subject: str, tests: str = "tests/test_moe.py", extra: str = "") -> 
     )
 
 
+def _commit(repo: Path, files: dict[str, str], message: str, author: tuple[str, str]) -> None:
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    gitutil.run(repo, "add", "-A", "-f")
+    gitutil.run(repo, "commit", "-q", "-m", message, env=gitutil.env_for(author, DATE))
+
+
 def make_series(
     project: Path, files: dict[str, str], patches: list[tuple[str, str, dict[str, str]]]
 ) -> list[str]:
     """Commit each (name, message, {path: new content}) on `files`; export them."""
     repo = project / "_series_src"
     repo.mkdir(parents=True)
-    for name, text in files.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(text)
     gitutil.run(repo, "init", "-q")
-    gitutil.run(repo, "add", "-A")
-    env = gitutil.env_for(IDENT, DATE)
-    gitutil.run(repo, "commit", "-q", "-m", "base", env=env)
+    _commit(repo, files, "base", IDENT)
     gitutil.run(repo, "tag", "base")
     for _name, msg, changes in patches:
-        for path, text in changes.items():
-            (repo / path).parent.mkdir(parents=True, exist_ok=True)
-            (repo / path).write_text(text)
-        gitutil.run(repo, "add", "-A")
-        gitutil.run(repo, "commit", "-q", "-m", msg, env=env)
+        _commit(repo, changes, msg, IDENT)
     rendered = export.render(repo, "base..HEAD")
     out = project / "patches"
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +136,21 @@ def make_series(
     (out / "series").write_text("# test series\n\n" + "\n".join(names) + "\n")
     shutil.rmtree(repo)
     return names
+
+
+def make_patch(
+    base_files: dict[str, str],
+    edits: dict[str, str],
+    subject: str,
+    trailers: str = "Upstream: not yet\nStatus: pending\nTests: tests/test_moe.py",
+) -> bytes:
+    """One exported patch turning `base_files` into `base_files | edits`."""
+    with tempfile.TemporaryDirectory() as d:
+        repo = Path(d)
+        gitutil.run(repo, "init", "-q")
+        _commit(repo, base_files, "base", gitutil.BASE_AUTHOR)
+        _commit(repo, edits, f"{subject}\n\nWhy this change matters.\n\n{trailers}\n", DEV)
+        return export.render(repo, "HEAD~1..HEAD")[0][1]
 
 
 def edit(text: str, old: str, new: str) -> str:
@@ -184,3 +204,65 @@ def snapshot(project: Path) -> dict[str, bytes]:
     for path in sorted((project / "patches").iterdir()):
         files[f"patches/{path.name}"] = path.read_bytes()
     return files
+
+
+# The one release of the build and source tests, and a checkout of this project on it.
+VERSION = "9.9.9"
+COMMIT = "abcdef123"
+RELEASE_FILES = {
+    "vllm/_version.py": version_file(VERSION, COMMIT),
+    "vllm/moe.py": "".join(f"line {i}\n" for i in range(1, 41)),
+    "vllm/gate.py": "def gate(x):\n    return x\n",
+    "tests/test_moe.py": "def test_ok():\n    assert True\n",
+    # vLLM's sdist ships a .gitignore that hides _version.py; the base must not.
+    ".gitignore": "vllm/_version.py\n",
+}
+
+
+def make_tarball(path: Path, files: dict[str, str], top: str = f"vllm-{VERSION}") -> str:
+    """Write an sdist-shaped tarball of `files`; return its sha256."""
+    return sha256(write_tarball(path, top, files))
+
+
+def pin_text(sha: str, version: str = VERSION, commit: str = COMMIT) -> str:
+    tarball = Path(f"vllm-{version}.tar.gz")
+    return format_pin(Pin(version, f"v{version}", commit, REPOSITORY, tarball.name, sha))
+
+
+def moe_with(line_no: int, text: str, files=RELEASE_FILES) -> str:
+    lines = files["vllm/moe.py"].splitlines(keepends=True)
+    lines[line_no - 1] = text + "\n"
+    return "".join(lines)
+
+
+class Project:
+    """A checkout of this project in tmp_path: vllm.pin, patches/, a release tarball."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.patches = root / "patches"
+        self.patches.mkdir(parents=True)
+        self.tarball = root / f"vllm-{VERSION}.tar.gz"
+        self.sha = make_tarball(self.tarball, RELEASE_FILES)
+        self.pin = root / "vllm.pin"
+        self.pin.write_text(pin_text(self.sha))
+        self.target = root / "build" / "vllm"
+        self.set_series({})
+
+    def set_series(self, patches: dict[str, bytes], comment: str = "# order\n") -> None:
+        for old in self.patches.glob("*.patch"):
+            old.unlink()
+        for name, data in patches.items():
+            (self.patches / name).write_bytes(data)
+        (self.patches / "series").write_text(comment + "".join(f"{n}\n" for n in patches))
+
+    def run(self, command: str = "apply", *rest: str) -> int:
+        args = [command, *rest, "--pin", str(self.pin), "--patches", str(self.patches)]
+        if command in ("apply", "check") and "--source" not in rest:
+            args += ["--source", str(self.tarball)]
+        if command in ("apply", "status", "export") and "--target" not in rest:
+            args += ["--target", str(self.target)]
+        return main(args)
+
+    def git(self, *args: str) -> str:
+        return gitutil.out(self.target, *args)

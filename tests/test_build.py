@@ -6,7 +6,7 @@ import re
 import time
 
 import pytest
-from conftest import RELEASE_FILES, make_patch, moe_with
+from release_fixtures import RELEASE_FILES, make_patch, moe_with
 
 from moepatch import gitutil
 from moepatch.build import FAILED_BRANCH, locked

@@ -9,7 +9,7 @@ import tarfile
 import threading
 
 import pytest
-from conftest import RELEASE_FILES, VERSION, make_tarball, pin_text
+from release_fixtures import RELEASE_FILES, REPOSITORY, VERSION, make_tarball, pin_text
 
 from moepatch import gitutil, index
 from moepatch.errors import ArchiveError, PinError, VerifyError
@@ -244,7 +244,7 @@ def _upstream_repo(tmp_path):
 
 def _pin_git(project, repo, commit):
     text = project.pin.read_text().replace("abcdef123", commit)
-    project.pin.write_text(text.replace("https://example.invalid/vllm", f"file://{repo}"))
+    project.pin.write_text(text.replace(REPOSITORY, f"file://{repo}"))
 
 
 @pytest.mark.parametrize("digits", [40, 9], ids=["full-sha", "short-sha-via-tag"])
