@@ -198,6 +198,19 @@ def make_project(tmp: Path, version: str = "1.0.0") -> tuple[Path, Path]:
     return project, tarball
 
 
+def project_argv(
+    command: str, project: Path, *rest: str, source: Path | str | None = None, **options: Path
+) -> list[str]:
+    """`apply.py COMMAND REST... --pin --patches [--source] [--OPTION VALUE...]` for a checkout."""
+    argv = [command, *rest, "--pin", str(project / "vllm.pin")]
+    argv += ["--patches", str(project / "patches")]
+    if source is not None:
+        argv += ["--source", str(source)]
+    for option, value in options.items():
+        argv += [f"--{option}", str(value)]
+    return argv
+
+
 def snapshot(project: Path) -> dict[str, bytes]:
     """Every file under the project's vllm.pin and patches/, as bytes."""
     files = {"vllm.pin": (project / "vllm.pin").read_bytes()}
@@ -257,12 +270,10 @@ class Project:
         (self.patches / "series").write_text(comment + "".join(f"{n}\n" for n in patches))
 
     def run(self, command: str = "apply", *rest: str) -> int:
-        args = [command, *rest, "--pin", str(self.pin), "--patches", str(self.patches)]
-        if command in ("apply", "check") and "--source" not in rest:
-            args += ["--source", str(self.tarball)]
-        if command in ("apply", "status", "export") and "--target" not in rest:
-            args += ["--target", str(self.target)]
-        return main(args)
+        source = self.tarball if command in ("apply", "check") and "--source" not in rest else None
+        target = command in ("apply", "status", "export") and "--target" not in rest
+        options = {"target": self.target} if target else {}
+        return main(project_argv(command, self.root, *rest, source=source, **options))
 
     def git(self, *args: str) -> str:
         return gitutil.out(self.target, *args)

@@ -13,6 +13,7 @@ from release_fixtures import (
     edit,
     make_project,
     make_release,
+    project_argv,
     sha256,
     snapshot,
 )
@@ -35,18 +36,7 @@ def releases(tmp_path) -> dict[str, Path]:
 
 
 def run(project, tarball, *args) -> int:
-    return cli.main(
-        [
-            "matrix",
-            "--pin",
-            str(project / "vllm.pin"),
-            "--patches",
-            str(project / "patches"),
-            "--source",
-            str(tarball),
-            *args,
-        ]
-    )
+    return cli.main(project_argv("matrix", project, *args, source=tarball))
 
 
 def test_every_verdict(tmp_path, capsys):

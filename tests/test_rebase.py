@@ -15,6 +15,7 @@ from release_fixtures import (
     edit,
     make_project,
     make_release,
+    project_argv,
     sha256,
     snapshot,
 )
@@ -35,20 +36,7 @@ def project(tmp_path):
 
 def run(project: Path, tarball: Path, *args: str) -> int:
     work = project / "build" / "rebase"
-    return cli.main(
-        [
-            "rebase",
-            *args,
-            "--pin",
-            str(project / "vllm.pin"),
-            "--patches",
-            str(project / "patches"),
-            "--source",
-            str(tarball),
-            "--work",
-            str(work),
-        ]
-    )
+    return cli.main(project_argv("rebase", project, *args, source=tarball, work=work))
 
 
 def release(tmp_path, version, **changes) -> Path:
@@ -345,17 +333,7 @@ def test_real_series_rebases_from_0_33_to_0_32(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "patches", project / "patches")
     shutil.copy2(REPO / "vllm.pin", project / "vllm.pin")
     work = project / "build/rebase"
-    argv = [
-        "rebase",
-        "--pin",
-        str(project / "vllm.pin"),
-        "--patches",
-        str(project / "patches"),
-        "--work",
-        str(work),
-        "--source",
-        "sdist",
-    ]
+    argv = project_argv("rebase", project, source="sdist", work=work)
     code = cli.main([*argv, "--to", "0.32.0", "--json"])
     out = capsys.readouterr()
     state = rebase.load_state(work)

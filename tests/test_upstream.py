@@ -16,6 +16,7 @@ from release_fixtures import (
     make_series,
     message,
     pin_for,
+    project_argv,
     snapshot,
 )
 
@@ -73,20 +74,8 @@ def project(tmp_path):
 
 
 def run(project, tarball, tmp_path, *args) -> int:
-    return cli.main(
-        [
-            "upstream",
-            *args,
-            "--pin",
-            str(project / "vllm.pin"),
-            "--patches",
-            str(project / "patches"),
-            "--source",
-            str(tarball),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    out = tmp_path / "out"
+    return cli.main(project_argv("upstream", project, *args, source=tarball, out=out))
 
 
 def test_clean_patch_gives_branch_patch_and_pr(project, tmp_path, capsys):
