@@ -76,13 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.empty_like(out)
     buf = torch.zeros(1024, device="cuda")
     config = sg._heuristic_config(n, h, h, x.element_size())
+    # The weight as the fused path hands it to the checks and the launch.
+    weight = sg._fusable_gate_weight(gate)
     rows = {
         "reference: F.sigmoid(gate(x)[0]) * out": lambda: F.sigmoid(gate(x)[0]) * out,
         "fused: apply_shared_expert_gate(gate, x, out)": lambda: sg.apply_shared_expert_gate(
             gate, x, out
         ),
-        "  of which the kernel launch": lambda: sg._launch(x, gate.weight, out, y, config),
-        "  of which the input checks": lambda: sg._kernel_supports(x, gate.weight, out),
+        "  of which the kernel launch": lambda: sg._launch(x, weight, out, y, config),
+        "  of which the input checks": lambda: sg._kernel_supports(x, weight, out),
         "  of which the gate-layer checks": lambda: sg._fusable_gate_weight(gate),
         "floor: a one-argument Triton kernel launch": lambda: copy_kernel[(1,)](
             buf, 1024, BLOCK=1024
