@@ -597,7 +597,7 @@ class Worker:
         no host sync in between) in one profiler session, then cut at the
         flush kernels, which run on the launch stream before each replay.
         One profiled replay cannot show which stream's timeline moves from
-        one replay to the next; these can (``ci/plot_layers.py race``).
+        one replay to the next; these can (``ci/plot_layers.py --race``).
         """
         self._flush_buffer(flush_mb or 256)
         self._sync()
