@@ -10,6 +10,7 @@ from .check import check
 from .errors import DriftError, SeriesError
 from .pin import load_pin
 from .series import read_series
+from .source import add_source_argument
 
 DEFAULT_TARGET = Path("build/vllm")
 
@@ -45,12 +46,7 @@ def _target_arg(parser) -> None:
 
 
 def configure_apply(parser) -> None:
-    parser.add_argument(
-        "--source",
-        default="auto",
-        metavar="auto|git|sdist|PATH",
-        help="where the pristine release comes from (default: auto)",
-    )
+    add_source_argument(parser)
     _target_arg(parser)
     parser.add_argument(
         "--force", action="store_true", help="rebuild over local work, keeping it on backup refs"
@@ -211,12 +207,7 @@ reproduces patches/ byte for byte (exit 10 when it does not).
 
 
 def configure_check(parser) -> None:
-    parser.add_argument(
-        "--source",
-        default="auto",
-        metavar="auto|git|sdist|PATH",
-        help="where the pristine release comes from (default: auto)",
-    )
+    add_source_argument(parser)
 
 
 def run_check(args) -> int:

@@ -34,7 +34,7 @@ from .errors import NetworkError, ToolError
 from .pin import Pin, load_pin
 from .rebase import CONFLICT, UPSTREAMED, apply_mbox, resolve_release, write_mbox
 from .series import read_series
-from .source import Base, resolve_base
+from .source import Base, add_source_argument, resolve_base
 
 _FINAL = re.compile(r"^vllm-(\d+(?:\.\d+)+)\.tar\.gz$")
 
@@ -261,10 +261,8 @@ def configure_matrix(parser) -> None:
         help="comma-separated versions (or sdist paths); default: the "
         "pinned release and the two before it on the index",
     )
-    parser.add_argument(
-        "--source",
-        default="auto",
-        metavar="auto|git|sdist|PATH",
+    add_source_argument(
+        parser,
         help="where the pinned release comes from (default: auto); "
         "other releases come from the index's sdists",
     )

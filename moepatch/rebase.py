@@ -61,7 +61,14 @@ from .cache import cache_root
 from .errors import ConflictError, NetworkError, TargetError, ToolError, VerifyError
 from .pin import Pin, load_pin, write_pin
 from .series import Patch, read_series
-from .source import Base, base_from_git, base_from_path, read_version_file, resolve_base
+from .source import (
+    Base,
+    add_source_argument,
+    base_from_git,
+    base_from_path,
+    read_version_file,
+    resolve_base,
+)
 
 DEFAULT_WORK = Path("build/rebase")
 OLD_BASE, OLD_BRANCH = "rebase/old-base", "rebase/old"
@@ -739,10 +746,8 @@ def configure_rebase(parser) -> None:
         metavar="NAME",
         help="drop this patch from the series (repeatable)",
     )
-    parser.add_argument(
-        "--source",
-        default="auto",
-        metavar="auto|git|sdist|PATH",
+    add_source_argument(
+        parser,
         help="where the current pinned release comes from, as for "
         "apply; also how a --to VERSION is fetched "
         "(default: auto)",

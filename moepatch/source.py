@@ -232,6 +232,13 @@ def base_from_path(path: Path, pin: Pin) -> Base:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def add_source_argument(
+    parser, help: str = "where the pristine release comes from (default: auto)"
+) -> None:
+    """The `--source auto|git|sdist|PATH` option every command that resolves a base takes."""
+    parser.add_argument("--source", default="auto", metavar="auto|git|sdist|PATH", help=help)
+
+
 def resolve_base(pin: Pin, source: str = "auto") -> Base:
     """The verified pristine base for `source`: auto, git, sdist or a path."""
     if source == "git":

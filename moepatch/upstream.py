@@ -41,7 +41,7 @@ from .errors import ConflictError, SeriesError, TargetError, ToolError
 from .pin import load_pin
 from .rebase import CLEAN, THREE_WAY, UPSTREAMED, apply_mbox, resolve_release, write_mbox
 from .series import Patch, read_series
-from .source import resolve_base
+from .source import add_source_argument, resolve_base
 
 DEFAULT_OUT = Path("build/upstream")
 PROJECT_TRAILERS = ("Upstream", "Status", "Tests", "Related", "Patch-Filename")
@@ -401,12 +401,7 @@ def configure_upstream(parser) -> None:
         help="a newer base than the pin: a version on the index or a local sdist / tree",
     )
     parser.add_argument("--out", type=Path, help=f"output directory (default: {DEFAULT_OUT}/NAME)")
-    parser.add_argument(
-        "--source",
-        default="auto",
-        metavar="auto|git|sdist|PATH",
-        help="where the pinned release comes from (default: auto)",
-    )
+    add_source_argument(parser, help="where the pinned release comes from (default: auto)")
     parser.add_argument("--no-tests", action="store_true", help="skip the CPU tests")
     parser.add_argument("--no-lint", action="store_true", help="skip ruff")
     parser.add_argument("--json", action="store_true", help="print report.json")
