@@ -956,13 +956,19 @@ def summarize_rows(rows: list[dict], floor_pct: float = 0.0) -> None:
             ratios = [x / y for x, y in zip(b, p, strict=False)]
             noise = max(abs(x / bm - 1) for x in b) * 100
             pnoise = max(abs(x / pm - 1) for x in p) * 100
+            # Further trees (--also), each as base / that tree's median.
+            also = {
+                label: [r[label][mode]["us"] for r in row["rounds"]]
+                for label in row["rounds"][0]
+                if label not in ("base", "patched", "order")
+            }
+            also_median = {label: statistics.median(t) for label, t in also.items()}
             spread = max(noise, floor_pct)
             aa = None
-            if row["rounds"] and "base2" in row["rounds"][0]:
+            if "base2" in also:
                 # Base vs a second base process: the process-to-process part of
                 # the spread, which rounds within one process cannot see.
-                b2 = [r["base2"][mode]["us"] for r in row["rounds"]]
-                aa = bm / statistics.median(b2)
+                aa = bm / also_median["base2"]
                 spread = max(spread, abs(aa - 1) * 100)
             row[mode] = {
                 "base_us": round(bm, 3),
@@ -978,17 +984,15 @@ def summarize_rows(rows: list[dict], floor_pct: float = 0.0) -> None:
                 "base_rounds_us": [round(x, 3) for x in b],
                 "patched_rounds_us": [round(x, 3) for x in p],
             }
-            also = [k for k in row["rounds"][0] if k not in ("base", "patched", "order")]
             if also:
-                # Further trees (--also), each as base / that tree's median.
-                row[mode]["also"] = {}
-                for label in also:
-                    t = [r[label][mode]["us"] for r in row["rounds"]]
-                    row[mode]["also"][label] = {
-                        "us": round(statistics.median(t), 3),
-                        "speedup": round(bm / statistics.median(t), 4),
+                row[mode]["also"] = {
+                    label: {
+                        "us": round(also_median[label], 3),
+                        "speedup": round(bm / also_median[label], 4),
                         "rounds_us": [round(x, 3) for x in t],
                     }
+                    for label, t in also.items()
+                }
 
 
 def verdict(result: dict) -> dict:
