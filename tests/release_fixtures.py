@@ -277,3 +277,9 @@ class Project:
 
     def git(self, *args: str) -> str:
         return gitutil.out(self.target, *args)
+
+    def commit(self, message: str) -> str:
+        """Commit the built tree's changed files as a developer working in it; its sha."""
+        env = gitutil.env_for(("Me", "me@example.invalid"))
+        gitutil.run(self.target, "commit", "-qam", message, env=env)
+        return self.git("rev-parse", "HEAD")

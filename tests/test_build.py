@@ -159,14 +159,7 @@ def test_own_commits_are_refused_then_kept_with_force(project, two_patches):
     project.set_series(two_patches)
     assert project.run() == 0
     (project.target / "vllm/gate.py").write_text("mine\n")
-    gitutil.run(
-        project.target,
-        "commit",
-        "-qam",
-        "my work",
-        env=gitutil.env_for(("Me", "me@example.invalid")),
-    )
-    mine = project.git("rev-parse", "HEAD")
+    mine = project.commit("my work")
     assert project.run() == 8
     assert project.run("apply", "--force") == 0
     refs = project.git("for-each-ref", "--format=%(objectname)", "refs/moepatch/backup")
@@ -211,13 +204,7 @@ def test_export_picks_up_a_new_commit_and_drops_removed_files(project, two_patch
     project.set_series(two_patches)
     assert project.run() == 0
     (project.target / "vllm/gate.py").write_text("def gate(x):\n    return 3 * x\n")
-    gitutil.run(
-        project.target,
-        "commit",
-        "-qam",
-        "[Model] Triple the gate",
-        env=gitutil.env_for(("Me", "me@example.invalid")),
-    )
+    project.commit("[Model] Triple the gate")
     assert project.run("export", "--check") == 10
     assert project.run("export") == 0
     series = (project.patches / "series").read_text().split()

@@ -83,22 +83,9 @@ def test_default_relative_work_directory(project, tmp_path, monkeypatch, capsys)
         tmp_path, "1.1.0", vllm__moe_py=edit(MOE, "def step_2(x):", "def step_2(x):  # moved")
     )
     monkeypatch.chdir(project)
-    assert (
-        cli.main(
-            [
-                "rebase",
-                "--to",
-                str(new),
-                "--pin",
-                "vllm.pin",
-                "--patches",
-                "patches",
-                "--source",
-                str(tarball),
-            ]
-        )
-        == 0
-    )
+    argv = project_argv("rebase", Path("."), "--to", str(new), source=tarball)
+    assert argv[argv.index("--pin") + 1] == "vllm.pin"  # relative, as typed in the checkout
+    assert cli.main(argv) == 0
     assert "3-way" in capsys.readouterr().out
     assert load_pin(project / "vllm.pin").version == "1.1.0"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from release_fixtures import (
@@ -168,21 +169,8 @@ def test_default_relative_output_directory(project, tmp_path, monkeypatch, capsy
     # git runs inside the output tree: a relative default must still work.
     project, tarball = project
     monkeypatch.chdir(project)
-    assert (
-        cli.main(
-            [
-                "upstream",
-                "step-one",
-                "--no-tests",
-                "--pin",
-                "vllm.pin",
-                "--patches",
-                "patches",
-                "--source",
-                str(tarball),
-            ]
-        )
-        == 0
-    )
+    argv = project_argv("upstream", Path("."), "step-one", "--no-tests", source=tarball)
+    assert argv[argv.index("--pin") + 1] == "vllm.pin"  # relative, as typed in the checkout
+    assert cli.main(argv) == 0
     assert "applies alone on vLLM 1.0.0 (clean)" in capsys.readouterr().out
     assert (project / "build" / "upstream" / "step-one" / "PR.md").is_file()
