@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+"""End to end: vLLM's own engine serving Qwen MoE models, base vs patched.
+
+Runs on the GPU machine from one ``ci/device_bundle.py`` bundle (both trees,
+the release's compiled ops, the dependency wheels). Every measurement is a
+fresh ``vllm.LLM`` process on one tree; processes of the two trees alternate
+(ABBA: base, patched, patched, base, ...), so drift hits both alike.
+
+Timing (dummy weights on the published config, full CUDA graphs for decode,
+no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
+
+* decode ms per output token at each batch: (time of a 1+T-token generation
+  minus a 1-token one) / T, T = 128, prompts of 32 tokens;
+* prefill ms of 1 x 2,048 and 4 x 2,048 prompt tokens (one engine step);
+* ``--modes eager`` adds the same without CUDA graphs, where host cost shows.
+
+Correctness (``--check``): a small real checkpoint per model
+(``e2e_models.make_checkpoint``), loaded through vLLM's normal loader on both
+trees: greedy tokens must be identical and top-5 logprobs within ``--tol``;
+transformers' own greedy tokens on the same checkpoint are a sanity check.
+
+    python3 ci/bench_e2e.py device --bundle .device/bundle --out "$OUT" \\
+        --models a2.7b --procs 3 --check a2.7b,30b-a3b      # on the GPU machine
+    python ci/bench_e2e.py report RAW.json... --md results/e2e-h200.md \\
+        --json results/e2e-h200.json --png results/e2e-h200.png   # here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import e2e_report  # noqa: E402
+from e2e_models import MODELS  # noqa: E402
+
+DEFAULT_BATCHES = (1, 4, 8, 16, 32, 64)
+PREFILLS = ((1, 2048), (4, 2048))
+DECODE_TOKENS = 128
+PROMPT_LEN = 32
+CHECK_TOKENS = 32
+CHECK_PROMPTS = 8
+SEED = 20261130
+ENGINE_ENV = {
+    # The sampler's capability check would import FlashInfer, absent there.
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def abba(procs: int) -> list[str]:
+    """Tree order for ``procs`` processes per tree: base, patched, patched,
+    base, base, patched, ..."""
+    pairs = [("base", "patched") if i % 2 == 0 else ("patched", "base") for i in range(procs)]
+    return [tree for pair in pairs for tree in pair]
+
+
+def prompts(count: int, length: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(length)]}
+        for _ in range(count)
+    ]
+
+
+def check_prompts() -> list[list[int]]:
+    """Prompts of the correctness check: varied lengths, one long."""
+    lengths = [5, 17, 33, 64, 100, 9, 511, 24][:CHECK_PROMPTS]
+    return [p["prompt_token_ids"] for i, n in enumerate(lengths) for p in prompts(1, n, SEED + i)]
+
+
+# ==========================================================================
+# inside one engine process (the tree's vllm on sys.path)
+# ==========================================================================
+
+
+def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], **kw):
+    from vllm import LLM
+
+    compilation = {"mode": 0}
+    if not eager:
+        compilation |= {"cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sizes}
+    return LLM(
+        model=model_dir,
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        attention_backend="TRITON_ATTN",
+        enable_prefix_caching=False,
+        enforce_eager=eager,
+        compilation_config=compilation,
+        seed=0,
+        **MODELS[model].get("engine_args", {}),
+        **kw,
+    )
+
+
+def child_time(args: argparse.Namespace) -> dict:
+    import vllm
+    from vllm import SamplingParams
+
+    batches = [int(b) for b in args.batches.split(",")]
+    t0 = time.perf_counter()
+    llm = _engine(
+        args.model_dir,
+        args.model,
+        args.mode == "eager",
+        sorted(set(batches)),
+        load_format="dummy",
+        max_num_seqs=max(batches + [b for b, _ in PREFILLS]),
+        max_model_len=4096,
+        max_num_batched_tokens=max(b * n for b, n in PREFILLS),
+        gpu_memory_utilization=0.85,
+    )
+    started = time.perf_counter() - t0
+
+    def timed(ps: list[dict], n: int) -> float:
+        sp = SamplingParams(
+            max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False
+        )
+        t = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        return (time.perf_counter() - t) * 1000
+
+    decode = {}
+    for b in batches:
+        ps = prompts(b, PROMPT_LEN, SEED + b)
+        timed(ps, 8)  # warm-up: kernels compiled, graphs touched
+        reps = []
+        for _ in range(args.reps):
+            one = timed(ps, 1)
+            many = timed(ps, 1 + DECODE_TOKENS)
+            reps.append((many - one) / DECODE_TOKENS)
+        decode[str(b)] = reps
+        log(f"{args.tree} {args.model} {args.mode} batch {b}: {min(reps):.3f} ms/token")
+    prefill = {}
+    for b, n in PREFILLS:
+        ps = prompts(b, n, SEED + 7 * b)
+        timed(ps, 1)
+        prefill[f"{b}x{n}"] = [timed(ps, 1) for _ in range(args.prefill_reps)]
+    return {
+        "vllm_file": vllm.__file__,
+        "start_s": started,
+        "decode_ms": decode,
+        "prefill_ms": prefill,
+    }
+
+
+def child_check(args: argparse.Namespace) -> dict:
+    from vllm import SamplingParams
+
+    llm = _engine(
+        args.model_dir,
+        args.model,
+        False,
+        [1, 2, 4, 8, 16],
+        load_format="auto",
+        max_num_seqs=16,
+        max_model_len=2048,
+        kv_cache_memory_bytes=4 << 30,
+        gpu_memory_utilization=0.4,
+    )
+    sp = SamplingParams(
+        max_tokens=CHECK_TOKENS,
+        min_tokens=CHECK_TOKENS,
+        ignore_eos=True,
+        temperature=0.0,
+        logprobs=5,
+        detokenize=False,
+    )
+    ps = [{"prompt_token_ids": p} for p in check_prompts()]
+
+    def run(batch: list[dict]) -> list[dict]:
+        outs = llm.generate(batch, sp, use_tqdm=False)
+        return [
+            {
+                "tokens": list(o.outputs[0].token_ids),
+                "logprobs": [
+                    {str(t): lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs
+                ],
+            }
+            for o in outs
+        ]
+
+    # Batch 1 (the decode graph of one sequence), then all prompts together.
+    return {"single": run(ps[:1]), "batch": run(ps)}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    result = {"model": args.model, "tree": args.tree, "mode": args.mode}
+    try:
+        result |= child_check(args) if args.check else child_time(args)
+    except Exception as e:  # the parent records it and goes on
+        import traceback
+
+        traceback.print_exc()
+        result["error"] = f"{type(e).__name__}: {e}"[:500]
+    Path(args.json).write_text(json.dumps(result))
+    return 0
+
+
+# ==========================================================================
+# the device driver: unpack, schedule processes, collect
+# ==========================================================================
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from bench_layers import _versions, unpack_bundle
+
+        self.args = args
+        self.t0 = time.monotonic()
+        self.work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        base, patched, self.site, manifest = unpack_bundle(Path(args.bundle), self.work)
+        self.trees = {"base": base, "patched": patched}
+        self.raw = {
+            "kind": "bench_e2e",
+            "manifest": {k: manifest.get(k) for k in ("pin", "series", "revisions", "created")},
+            "versions": _versions(),
+            "decode_tokens": DECODE_TOKENS,
+            "prompt_len": PROMPT_LEN,
+            "records": [],
+            "checks": [],
+            "skipped": [],
+        }
+        self.durations: dict[tuple, float] = {}
+        log(f"unpacked in {time.monotonic() - self.t0:.0f} s")
+
+    def left(self) -> float:
+        return self.args.budget - (time.monotonic() - self.t0)
+
+    def save(self) -> None:
+        (self.out / "e2e-raw.json").write_text(json.dumps(self.raw, indent=1))
+
+    def spawn(self, tree: str, cmd: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, **ENGINE_ENV)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.trees[tree]), str(self.site)])
+        log_path = self.out / "e2e-log.txt"
+        fh = open(log_path, "a")  # noqa: SIM115 (closed with the process)
+        fh.write(f"\n===== {tree}: {' '.join(cmd[2:])}\n")
+        fh.flush()
+        return subprocess.Popen(
+            [sys.executable, __file__, *cmd],
+            env=env,
+            cwd=self.work,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait(self, proc: subprocess.Popen, json_path: Path) -> dict:
+        try:
+            proc.wait(timeout=max(self.left(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"error": "killed at the time budget"}
+        if not json_path.exists():
+            return {"error": f"process exited {proc.returncode} without a result"}
+        return json.loads(json_path.read_text())
+
+    def time_models(self) -> None:
+        from e2e_models import write_config
+
+        a = self.args
+        jobs = []
+        for model in a.models.split(","):
+            for mode in a.modes.split(","):
+                procs = a.procs if mode == "graph" else a.eager_procs
+                jobs += [(model, mode, i, tree) for i, tree in enumerate(abba(procs))]
+        for seq, (model, mode, i, tree) in enumerate(jobs):
+            need = self.durations.get((model, mode), a.first_estimate)
+            if self.left() < need:
+                self.raw["skipped"].append(f"{model} {mode} {tree} process {i}: budget")
+                continue
+            mdir = self.work / "models" / model
+            if not (mdir / "config.json").exists():
+                write_config(model, MODELS[model]["layers"], mdir)
+            res = self.work / f"time-{seq}.json"
+            batches = a.batches if mode == "graph" else a.eager_batches
+            cmd = ["child", "--tree", tree, "--model", model, "--mode", mode]
+            cmd += ["--model-dir", str(mdir), "--batches", batches, "--json", str(res)]
+            cmd += ["--reps", str(a.reps), "--prefill-reps", str(a.prefill_reps)]
+            t = time.monotonic()
+            rec = self.wait(self.spawn(tree, cmd), res)
+            took = time.monotonic() - t
+            self.durations[(model, mode)] = max(self.durations.get((model, mode), 0), took)
+            rec |= {"model": model, "mode": mode, "tree": tree, "seq": seq, "wall_s": took}
+            self.raw["records"].append(rec)
+            self.save()
+            log(f"{model} {mode} {tree} #{i}: {took:.0f} s {rec.get('error', '')}")
+
+    def check_models(self) -> None:
+        from e2e_models import make_checkpoint
+
+        tol = self.args.tol
+        for model in self.args.check.split(","):
+            if self.left() < self.args.first_estimate:
+                self.raw["skipped"].append(f"check {model}: budget")
+                continue
+            ckpt = self.work / "ckpt" / model
+            try:
+                ref = make_checkpoint(model, ckpt, check_prompts(), CHECK_TOKENS, SEED)
+            except Exception as e:
+                self.raw["checks"].append({"model": model, "error": f"checkpoint: {e}"[:300]})
+                continue
+            procs = {}
+            for tree in ("base", "patched"):
+                res = self.work / f"check-{model}-{tree}.json"
+                cmd = ["child", "--check", "--tree", tree, "--model", model]
+                cmd += ["--model-dir", str(ckpt), "--json", str(res)]
+                procs[tree] = (self.spawn(tree, cmd), res)
+                if self.args.check_parallel < 2:
+                    procs[tree] = self.wait(*procs[tree])
+            outs = {t: p if isinstance(p, dict) else self.wait(*p) for t, p in procs.items()}
+            self.raw["checks"].append(self._judge(model, ref, outs, tol))
+            self.save()
+            log(f"check {model}: {self.raw['checks'][-1]}")
+
+    @staticmethod
+    def _judge(model: str, ref: dict, outs: dict, tol: float) -> dict:
+        errors = [f"{t}: {o['error']}" for t, o in outs.items() if o.get("error")]
+        if errors:
+            return {"model": model, "error": "; ".join(errors)}
+        b, p = outs["base"], outs["patched"]
+        verdict = e2e_report.compare_generations(
+            b["single"] + b["batch"], p["single"] + p["batch"], tol
+        )
+        hf = ref["hf_tokens"]
+        matching = sum(
+            e2e_report.matching_prefix(h, g["tokens"]) for h, g in zip(hf, b["batch"], strict=True)
+        )
+        return {
+            "model": model,
+            "layers": ref["layers"],
+            **verdict,
+            "hf_matching": matching,
+            "hf_total": sum(len(h) for h in hf),
+            "base": b,
+            "patched": p,
+            "hf_tokens": hf,
+        }
+
+
+def device_main(args: argparse.Namespace) -> int:
+    driver = Driver(args)
+    if args.check:
+        driver.check_models()
+    if args.models:
+        driver.time_models()
+    driver.raw["wall_s"] = time.monotonic() - driver.t0
+    driver.save()
+    rows = e2e_report.summarize(driver.raw["records"])
+    print(e2e_report.table(rows))
+    if driver.raw["checks"]:
+        print(e2e_report.check_table(driver.raw["checks"]))
+    for s in driver.raw["skipped"]:
+        print("skipped:", s)
+    return 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    raws = [json.loads(Path(p).read_text()) for p in args.raw]
+    records = [r for raw in raws for r in raw["records"]]
+    checks = [c for raw in raws for c in raw["checks"]]
+    rows = e2e_report.summarize(records)
+    text = e2e_report.table(rows)
+    if checks:
+        text += "\n" + e2e_report.check_table(checks)
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.json:
+        summary = {
+            "runs": [
+                {k: raw.get(k) for k in ("manifest", "versions", "wall_s", "skipped")}
+                for raw in raws
+            ],
+            "rows": rows,
+            "checks": [
+                {k: v for k, v in c.items() if k not in ("base", "patched")} for c in checks
+            ],
+        }
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    if args.png:
+        e2e_report.plot(rows, args.png)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("device", help="on the GPU machine: run both trees, write e2e-raw.json")
+    d.add_argument("--bundle", required=True, help="ci/device_bundle.py output folder")
+    d.add_argument("--out", required=True, help="folder for e2e-raw.json and e2e-log.txt")
+    d.add_argument("--models", default="", help=f"models to time, comma list of {','.join(MODELS)}")
+    d.add_argument(
+        "--modes", default="graph", help="graph (full decode CUDA graphs), eager, or both"
+    )
+    d.add_argument("--procs", type=int, default=3, help="graph-mode processes per tree (default 3)")
+    d.add_argument(
+        "--eager-procs", type=int, default=2, help="eager processes per tree (default 2)"
+    )
+    d.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="decode batches")
+    d.add_argument("--eager-batches", default="1,8,32", help="decode batches in eager mode")
+    d.add_argument("--reps", type=int, default=3, help="repetitions per decode batch")
+    d.add_argument("--prefill-reps", type=int, default=5, help="repetitions per prefill shape")
+    d.add_argument("--check", default="", help="models for the correctness check, comma list")
+    d.add_argument("--check-parallel", type=int, default=2, help="1: one tree at a time")
+    d.add_argument("--tol", type=float, default=0.1, help="max |Δ logprob| (default 0.1)")
+    d.add_argument("--budget", type=float, default=540, help="seconds; no process starts past it")
+    d.add_argument("--first-estimate", type=float, default=75, help="seconds a process may take")
+
+    c = sub.add_parser("child", help="one engine process (started by device)")
+    c.add_argument("--tree", required=True)
+    c.add_argument("--model", required=True, choices=list(MODELS))
+    c.add_argument("--mode", default="graph", choices=("graph", "eager"))
+    c.add_argument("--model-dir", required=True)
+    c.add_argument("--batches", default="1")
+    c.add_argument("--reps", type=int, default=3)
+    c.add_argument("--prefill-reps", type=int, default=5)
+    c.add_argument("--check", action="store_true")
+    c.add_argument("--json", required=True)
+
+    r = sub.add_parser("report", help="here: tables, JSON summary and plot from raw files")
+    r.add_argument("raw", nargs="+", help="e2e-raw.json files (several calls are merged)")
+    r.add_argument("--md", help="write the Markdown tables here")
+    r.add_argument("--json", help="write the summary JSON here")
+    r.add_argument("--png", help="write the decode ratio plot here")
+
+    args = p.parse_args(argv)
+    return {"device": device_main, "child": child_main, "report": report_main}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

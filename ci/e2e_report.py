@@ -1,0 +1,222 @@
+"""Summaries of ``ci/bench_e2e.py`` runs: medians, spreads, ratios, tables.
+
+Everything here is plain arithmetic on the raw records, so CI checks it on
+CPU. One raw record is one engine process:
+
+    {"model": "a2.7b", "mode": "graph", "tree": "base", "seq": 0,
+     "decode_ms": {"1": [2.76, 2.77, 2.75], ...},     # ms per output token
+     "prefill_ms": {"1x2048": [41.0, ...], ...}}        # ms per prefill
+
+A process's value is the median of its repetitions; a tree's value is the
+median over its processes. The ratio is patched / base time (below 1 is
+faster). Its range pairs the extremes (fastest patched process against the
+slowest base process and the reverse), and the base-vs-base spread, the
+largest ratio between two base processes minus one, is the noise floor a
+ratio has to clear.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+METRICS = ("decode_ms", "prefill_ms")
+
+
+def _key_order(key: str) -> tuple:
+    head = key.split("x")[0]
+    return (int(head) if head.isdigit() else 0, key)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (model, mode, metric, key) with both trees' processes."""
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: {"base": [], "patched": []})
+    for rec in records:
+        if rec.get("error"):
+            continue
+        for metric in METRICS:
+            for key, reps in rec.get(metric, {}).items():
+                if reps:
+                    cell = cells[(rec["model"], rec["mode"], metric, key)]
+                    cell[rec["tree"]].append(statistics.median(reps))
+    rows = []
+    for (model, mode, metric, key), per_tree in sorted(
+        cells.items(), key=lambda kv: (kv[0][:3], _key_order(kv[0][3]))
+    ):
+        rows.append(_row(model, mode, metric, key, per_tree["base"], per_tree["patched"]))
+    return rows
+
+
+def _spread(values: list[float]) -> float | None:
+    """(max - min) / median over processes; None with fewer than two."""
+    if len(values) < 2:
+        return None
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def _row(model, mode, metric, key, base: list[float], patched: list[float]) -> dict:
+    row = {
+        "model": model,
+        "mode": mode,
+        "metric": metric,
+        "key": key,
+        "base": base,
+        "patched": patched,
+        "base_median": statistics.median(base) if base else None,
+        "patched_median": statistics.median(patched) if patched else None,
+        "base_spread": _spread(base),
+        "patched_spread": _spread(patched),
+        "base_vs_base": (max(base) / min(base) - 1) if len(base) >= 2 else None,
+        "ratio": None,
+        "ratio_lo": None,
+        "ratio_hi": None,
+        "verdict": "incomplete",
+    }
+    if base and patched:
+        row["ratio"] = row["patched_median"] / row["base_median"]
+        row["ratio_lo"] = min(patched) / max(base)
+        row["ratio_hi"] = max(patched) / min(base)
+        row["verdict"] = verdict(row["ratio"], row["base_vs_base"])
+    return row
+
+
+def verdict(ratio: float, base_vs_base: float | None) -> str:
+    """'faster' / 'slower' when the ratio leaves the base-vs-base band,
+    'neutral' inside it, 'unknown' without a band (one base process)."""
+    if base_vs_base is None:
+        return "unknown"
+    if ratio < 1 - base_vs_base:
+        return "faster"
+    if ratio > 1 + base_vs_base:
+        return "slower"
+    return "neutral"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the rows, one line each."""
+    head = (
+        "| model | mode | metric | batch | base ms (n) | patched ms (n) | "
+        "patched/base [range] | spread base / patched | base-vs-base | verdict |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|\n"
+    )
+    lines = []
+    for r in rows:
+        what = "decode ms/token" if r["metric"] == "decode_ms" else "prefill ms"
+        ratio = (
+            f"{r['ratio']:.3f} [{r['ratio_lo']:.3f}–{r['ratio_hi']:.3f}]"
+            if r["ratio"] is not None
+            else "–"
+        )
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {what} | {r['key']} "
+            f"| {_fmt(r['base_median'], '.3f')} ({len(r['base'])}) "
+            f"| {_fmt(r['patched_median'], '.3f')} ({len(r['patched'])}) "
+            f"| {ratio} | {_pct(r['base_spread'])} / {_pct(r['patched_spread'])} "
+            f"| {_pct(r['base_vs_base'])} "
+            f"| {r['verdict']} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def check_table(checks: list[dict]) -> str:
+    """A Markdown table of the correctness checks."""
+    head = (
+        "| model | layers | greedy tokens base = patched | max abs Δ top-5 logprob "
+        "| base = transformers (tokens, of) | verdict |\n"
+        "|---|---:|---|---:|---|---|\n"
+    )
+    lines = []
+    for c in checks:
+        if c.get("error"):
+            lines.append(f"| {c['model']} | – | – | – | – | error: {c['error']} |")
+            continue
+        same = "yes" if c["tokens_identical"] else f"no (first at {c['first_diff']})"
+        hf = f"{c['hf_matching']} / {c['hf_total']}"
+        lines.append(
+            f"| {c['model']} | {c['layers']} | {same} | {c['max_logprob_diff']:.4f} "
+            f"| {hf} | {'pass' if c['passed'] else 'FAIL'} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def compare_generations(base: list[dict], patched: list[dict], tol: float) -> dict:
+    """Greedy outputs of one prompt set on two trees.
+
+    Each list holds, per prompt, ``{"tokens": [...], "logprobs": [{id: lp}]}``.
+    Tokens must be identical; top-5 logprobs of the tokens both trees list at
+    a position must agree within ``tol`` (positions up to the first token
+    that differs, after which the contexts differ).
+    """
+    identical = True
+    first_diff = None
+    max_diff = 0.0
+    for i, (b, p) in enumerate(zip(base, patched, strict=True)):
+        n = len(b["tokens"])
+        for pos in range(n):
+            if b["tokens"][pos] != p["tokens"][pos]:
+                identical = False
+                first_diff = first_diff or f"prompt {i} token {pos}"
+                n = pos + 1
+                break
+        for lb, lp in zip(b["logprobs"][:n], p["logprobs"][:n], strict=True):
+            for tok in set(lb) & set(lp):
+                max_diff = max(max_diff, abs(lb[tok] - lp[tok]))
+    return {
+        "tokens_identical": identical,
+        "first_diff": first_diff,
+        "max_logprob_diff": max_diff,
+        "passed": identical and max_diff <= tol,
+    }
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plot(rows: list[dict], path) -> None:
+    """Decode patched/base ratio against batch, one line per model and mode,
+    with the ratio range as error bars and the base-vs-base band shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["metric"] == "decode_ms" and r["ratio"] is not None:
+            series[(r["model"], r["mode"])].append(r)
+    for (model, mode), rs in sorted(series.items()):
+        rs.sort(key=lambda r: int(r["key"]))
+        xs = [int(r["key"]) for r in rs]
+        ys = [r["ratio"] for r in rs]
+        err = [
+            [r["ratio"] - r["ratio_lo"] for r in rs],
+            [r["ratio_hi"] - r["ratio"] for r in rs],
+        ]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{model} {mode}")
+        band = [r["base_vs_base"] or 0.0 for r in rs]
+        ax.fill_between(xs, [1 - b for b in band], [1 + b for b in band], alpha=0.08)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("decode batch (sequences)")
+    ax.set_ylabel("patched / base, ms per token")
+    ax.set_title("vLLM engine decode, patched vs base (H200)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
