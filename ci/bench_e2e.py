@@ -16,8 +16,12 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 
 Correctness (``--check``): a small real checkpoint per model
 (``e2e_models.make_checkpoint``), loaded through vLLM's normal loader on both
-trees: greedy tokens must be identical and top-5 logprobs within ``--tol``;
-transformers' own greedy tokens on the same checkpoint are a sanity check.
+trees. Greedy tokens must be identical, or diverge only at a near tie (base
+rated patched's token within ``--tie`` of its own), since a random-weight
+model's top logits often sit one bf16 step apart. The same weights run in fp32
+through transformers' own forward are the reference: each tree scores that
+reference's continuation teacher-forced, and patched must be no further from
+it than base (``--slack``).
 
     python3 ci/bench_e2e.py device --bundle .device/bundle --out "$OUT" \\
         --models a2.7b --procs 3 --check a2.7b,30b-a3b      # on the GPU machine
@@ -150,7 +154,8 @@ def child_time(args: argparse.Namespace) -> dict:
     prefill = {}
     for b, n in PREFILLS:
         ps = prompts(b, n, SEED + 7 * b)
-        timed(ps, 1)
+        for _ in range(3):  # the first calls of a new shape run slow
+            timed(ps, 1)
         prefill[f"{b}x{n}"] = [timed(ps, 1) for _ in range(args.prefill_reps)]
     return {
         "vllm_file": vllm.__file__,
@@ -196,8 +201,29 @@ def child_check(args: argparse.Namespace) -> dict:
             for o in outs
         ]
 
+    # Teacher-forced: the fp32 reference's own continuation as the prompt;
+    # the log-probability each tree gives every reference token, and its rank.
+    ref = json.loads(Path(args.ref).read_text())
+    forced_in = [
+        {"prompt_token_ids": p["prompt_token_ids"] + toks}
+        for p, toks in zip(ps, ref["ref_tokens"], strict=True)
+    ]
+    forced_sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+    forced = []
+    for p, o in zip(forced_in, llm.generate(forced_in, forced_sp, use_tqdm=False), strict=True):
+        ids = p["prompt_token_ids"]
+        start = len(ids) - CHECK_TOKENS
+        forced.append(
+            [
+                {
+                    "logprob": o.prompt_logprobs[j][ids[j]].logprob,
+                    "rank": o.prompt_logprobs[j][ids[j]].rank,
+                }
+                for j in range(start, len(ids))
+            ]
+        )
     # Batch 1 (the decode graph of one sequence), then all prompts together.
-    return {"single": run(ps[:1]), "batch": run(ps)}
+    return {"single": run(ps[:1]), "batch": run(ps), "forced": forced}
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -308,7 +334,6 @@ class Driver:
     def check_models(self) -> None:
         from e2e_models import make_checkpoint
 
-        tol = self.args.tol
         for model in self.args.check.split(","):
             if self.left() < self.args.first_estimate:
                 self.raw["skipped"].append(f"check {model}: budget")
@@ -319,42 +344,21 @@ class Driver:
             except Exception as e:
                 self.raw["checks"].append({"model": model, "error": f"checkpoint: {e}"[:300]})
                 continue
+            ref_path = self.work / f"ref-{model}.json"
+            ref_path.write_text(json.dumps(ref))
             procs = {}
             for tree in ("base", "patched"):
                 res = self.work / f"check-{model}-{tree}.json"
                 cmd = ["child", "--check", "--tree", tree, "--model", model]
-                cmd += ["--model-dir", str(ckpt), "--json", str(res)]
+                cmd += ["--model-dir", str(ckpt), "--json", str(res), "--ref", str(ref_path)]
                 procs[tree] = (self.spawn(tree, cmd), res)
                 if self.args.check_parallel < 2:
                     procs[tree] = self.wait(*procs[tree])
             outs = {t: p if isinstance(p, dict) else self.wait(*p) for t, p in procs.items()}
-            self.raw["checks"].append(self._judge(model, ref, outs, tol))
+            verdict = e2e_report.judge(model, ref, outs, self.args.tie, self.args.slack)
+            self.raw["checks"].append(verdict | {"ref": ref, "outputs": outs})
             self.save()
-            log(f"check {model}: {self.raw['checks'][-1]}")
-
-    @staticmethod
-    def _judge(model: str, ref: dict, outs: dict, tol: float) -> dict:
-        errors = [f"{t}: {o['error']}" for t, o in outs.items() if o.get("error")]
-        if errors:
-            return {"model": model, "error": "; ".join(errors)}
-        b, p = outs["base"], outs["patched"]
-        verdict = e2e_report.compare_generations(
-            b["single"] + b["batch"], p["single"] + p["batch"], tol
-        )
-        hf = ref["hf_tokens"]
-        matching = sum(
-            e2e_report.matching_prefix(h, g["tokens"]) for h, g in zip(hf, b["batch"], strict=True)
-        )
-        return {
-            "model": model,
-            "layers": ref["layers"],
-            **verdict,
-            "hf_matching": matching,
-            "hf_total": sum(len(h) for h in hf),
-            "base": b,
-            "patched": p,
-            "hf_tokens": hf,
-        }
+            log(f"check {model}: passed={verdict.get('passed')} {verdict.get('error', '')}")
 
 
 def device_main(args: argparse.Namespace) -> int:
@@ -422,10 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="decode batches")
     d.add_argument("--eager-batches", default="1,8,32", help="decode batches in eager mode")
     d.add_argument("--reps", type=int, default=3, help="repetitions per decode batch")
-    d.add_argument("--prefill-reps", type=int, default=5, help="repetitions per prefill shape")
+    d.add_argument("--prefill-reps", type=int, default=7, help="repetitions per prefill shape")
     d.add_argument("--check", default="", help="models for the correctness check, comma list")
     d.add_argument("--check-parallel", type=int, default=2, help="1: one tree at a time")
-    d.add_argument("--tol", type=float, default=0.1, help="max |Δ logprob| (default 0.1)")
+    d.add_argument(
+        "--tie", type=float, default=0.1, help="a divergence within this base margin is a near tie"
+    )
+    d.add_argument(
+        "--slack", type=float, default=1.25, help="patched's fp32-reference error over base's, max"
+    )
     d.add_argument("--budget", type=float, default=540, help="seconds; no process starts past it")
     d.add_argument("--first-estimate", type=float, default=75, help="seconds a process may take")
 
@@ -438,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--reps", type=int, default=3)
     c.add_argument("--prefill-reps", type=int, default=5)
     c.add_argument("--check", action="store_true")
+    c.add_argument("--ref", help="the fp32 reference (--check)")
     c.add_argument("--json", required=True)
 
     r = sub.add_parser("report", help="here: tables, JSON summary and plot from raw files")

@@ -160,8 +160,10 @@ def write_config(name: str, layers: int, out: Path) -> Path:
 def make_checkpoint(
     name: str, out: Path, prompts: list[list[int]], max_tokens: int, seed: int
 ) -> dict:
-    """Save a small real checkpoint of MODELS[name]; return transformers' own
-    greedy tokens for ``prompts`` (the sanity reference for vLLM's base tree)."""
+    """Save a small real checkpoint of MODELS[name] (bf16), then run the same
+    weights in fp32 through transformers' own forward: its greedy tokens for
+    ``prompts`` and the log-probability of each of them, the reference that
+    both vLLM trees are scored against."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +175,8 @@ def make_checkpoint(
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    tokens = []
+    model.float()
+    tokens, logprobs = [], []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt], device=device)
@@ -184,10 +187,14 @@ def make_checkpoint(
                 do_sample=False,
                 pad_token_id=0,
             )
-            tokens.append(gen[0, len(prompt) :].tolist())
+            new = gen[0, len(prompt) :]
+            logits = model(gen).logits[0, len(prompt) - 1 : -1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(1, new[:, None])[:, 0]
+            tokens.append(new.tolist())
+            logprobs.append(lp.tolist())
     del model
     if device == "cuda":  # give the engines started next the memory back
         torch.cuda.empty_cache()
     meta = {"model": name, "layers": cfg.num_hidden_layers, "seed": seed}
     (out / "moepatch-checkpoint.json").write_text(json.dumps(meta))
-    return {"hf_tokens": tokens, **meta}
+    return {"ref_tokens": tokens, "ref_logprobs": logprobs, **meta}

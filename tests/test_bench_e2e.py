@@ -1,0 +1,226 @@
+"""The parts of ci/bench_e2e.py that need no GPU: process order, the summary
+and spread arithmetic, the correctness verdicts, the report, the model configs
+and the small real checkpoint (made here on CPU with a tiny config)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "ci"))
+
+import bench_e2e  # noqa: E402
+import e2e_models  # noqa: E402
+import e2e_report  # noqa: E402
+
+
+def record(tree: str, model="a2.7b", mode="graph", **decode) -> dict:
+    return {
+        "model": model,
+        "mode": mode,
+        "tree": tree,
+        "decode_ms": {k.lstrip("b"): v for k, v in decode.items()},
+        "prefill_ms": {},
+    }
+
+
+def test_abba_alternates_trees_and_balances_them():
+    assert bench_e2e.abba(3) == ["base", "patched", "patched", "base", "base", "patched"]
+    order = bench_e2e.abba(4)
+    assert order.count("base") == order.count("patched") == 4
+    # every adjacent pair of processes holds one of each tree
+    assert all({order[i], order[i + 1]} == {"base", "patched"} for i in range(0, 8, 2))
+
+
+def test_summary_medians_ratio_range_and_spreads():
+    records = [
+        record("base", b1=[2.0, 2.2, 2.1]),  # process median 2.1
+        record("patched", b1=[1.8, 1.9, 1.7]),  # 1.8
+        record("patched", b1=[1.6, 1.6, 1.6]),  # 1.6
+        record("base", b1=[2.4, 2.3, 2.3]),  # 2.3
+        record("base", b1=[2.2]),  # 2.2
+        record("patched", b1=[1.7]),  # 1.7
+        {**record("base", b1=[9.9]), "error": "crashed"},  # ignored
+    ]
+    (row,) = e2e_report.summarize(records)
+    assert row["base"] == [2.1, 2.3, 2.2] and row["patched"] == [1.8, 1.6, 1.7]
+    assert row["base_median"] == pytest.approx(2.2)
+    assert row["patched_median"] == pytest.approx(1.7)
+    assert row["ratio"] == pytest.approx(1.7 / 2.2)
+    assert row["ratio_lo"] == pytest.approx(1.6 / 2.3)
+    assert row["ratio_hi"] == pytest.approx(1.8 / 2.1)
+    assert row["base_spread"] == pytest.approx((2.3 - 2.1) / 2.2)
+    assert row["base_vs_base"] == pytest.approx(2.3 / 2.1 - 1)
+    assert row["verdict"] == "faster"
+
+
+def test_summary_orders_batches_numerically_and_keeps_models_apart():
+    records = [
+        record(t, model=m, b16=[1.0], b2=[1.0], b1=[1.0])
+        for m in ("a2.7b", "30b-a3b")
+        for t in ("base", "patched")
+    ]
+    rows = e2e_report.summarize(records)
+    assert [(r["model"], r["key"]) for r in rows] == [
+        ("30b-a3b", "1"),
+        ("30b-a3b", "2"),
+        ("30b-a3b", "16"),
+        ("a2.7b", "1"),
+        ("a2.7b", "2"),
+        ("a2.7b", "16"),
+    ]
+    # one process per tree: no band, so no verdict but "unknown"
+    assert {r["verdict"] for r in rows} == {"unknown"}
+
+
+@pytest.mark.parametrize(
+    "ratio, band, want",
+    [(0.95, 0.02, "faster"), (0.99, 0.02, "neutral"), (1.01, 0.02, "neutral"),
+     (1.03, 0.02, "slower"), (0.5, None, "unknown")],
+)  # fmt: skip
+def test_verdict_uses_the_base_vs_base_band(ratio, band, want):
+    assert e2e_report.verdict(ratio, band) == want
+
+
+def test_incomplete_row_when_one_tree_is_missing():
+    (row,) = e2e_report.summarize([record("base", b1=[1.0]), record("base", b1=[1.1])])
+    assert row["ratio"] is None and row["verdict"] == "incomplete"
+    assert "| – |" in e2e_report.table([row])
+
+
+def gen(tokens, tops):
+    """A generation: tokens and, per position, a top-5 dict (str ids)."""
+    return {"tokens": tokens, "logprobs": [{str(k): v for k, v in t.items()} for t in tops]}
+
+
+def test_identical_generations_report_the_largest_logprob_difference():
+    b = [gen([5, 6], [{5: -1.0, 7: -2.0}, {6: -0.5}])]
+    p = [gen([5, 6], [{5: -1.03, 7: -2.0}, {6: -0.45}])]
+    v = e2e_report.compare_generations(b, p, tie=0.1)
+    assert v["tokens_identical"] and v["near_ties_only"]
+    assert v["max_logprob_diff"] == pytest.approx(0.05)
+
+
+def test_divergence_at_a_near_tie_passes_and_a_real_one_does_not():
+    base = [gen([5, 6, 1], [{5: -1.0}, {6: -2.00, 9: -2.05}, {1: -1.0}])]
+    tie = [gen([5, 9, 4], [{5: -1.0}, {9: -2.01, 6: -2.02}, {4: -9.0}])]
+    v = e2e_report.compare_generations(base, tie, tie=0.1)
+    assert not v["tokens_identical"] and v["near_ties_only"]
+    assert v["flips"] == [{"prompt": 0, "pos": 1, "margin": pytest.approx(0.05)}]
+    # positions after the divergence (different contexts) are not compared
+    assert v["max_logprob_diff"] == pytest.approx(0.04)
+    sure = [gen([5, 6, 1], [{5: -1.0}, {6: -1.0, 9: -3.0}, {1: -1.0}])]  # base: 6 by 2.0
+    v = e2e_report.compare_generations(sure, tie, tie=0.1)
+    assert not v["near_ties_only"] and v["flips"][0]["margin"] == pytest.approx(2.0)
+    missing = [gen([5, 3, 4], [{5: -1.0}, {3: -1.0}, {4: -1.0}])]  # not in base's top 5
+    v = e2e_report.compare_generations(base, missing, tie=0.1)
+    assert math.isinf(v["flips"][0]["margin"]) and not v["near_ties_only"]
+
+
+def forced(lps, ranks):
+    return [[{"logprob": lp, "rank": r} for lp, r in zip(lps, ranks, strict=True)]]
+
+
+def test_reference_error_and_top1_agreement():
+    err, top1 = e2e_report.reference_error(forced([-1.0, -2.0], [1, 2]), [[-1.1, -2.3]])
+    assert err == pytest.approx(0.2) and top1 == 0.5
+
+
+def test_judge_compares_patched_with_base_against_the_reference():
+    same = gen([5], [{5: -1.0}])
+    ref = {"layers": 4, "ref_logprobs": [[-1.0, -1.0]]}
+
+    def outs(base_lp, patched_lp):
+        return {
+            "base": {"single": [same], "batch": [], "forced": forced(base_lp, [1, 1])},
+            "patched": {"single": [same], "batch": [], "forced": forced(patched_lp, [1, 1])},
+        }
+
+    ok = e2e_report.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.05, -1.12]), 0.1, 1.25)
+    assert ok["passed"] and ok["ref_error"]["base"] == pytest.approx(0.1)
+    worse = e2e_report.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.3, -1.3]), 0.1, 1.25)
+    assert not worse["passed"]
+    err = e2e_report.judge("a2.7b", ref, {"base": {"error": "boom"}, "patched": {}}, 0.1, 1.25)
+    assert err == {"model": "a2.7b", "error": "base: boom"}
+    table = e2e_report.check_table([ok, worse, err])
+    assert "| pass |" in table and "| FAIL |" in table and "error: base: boom" in table
+
+
+def test_report_writes_markdown_json_and_plot(tmp_path):
+    raw = {
+        "records": [
+            record(t, b1=[1.0 + i / 100], b8=[2.0]) for i, t in enumerate(bench_e2e.abba(2))
+        ],
+        "checks": [],
+        "manifest": {"series": "x"},
+        "versions": {"device": "test"},
+    }
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(raw))
+    md, js, png = tmp_path / "e.md", tmp_path / "e.json", tmp_path / "e.png"
+    assert (
+        bench_e2e.main(["report", str(path), "--md", str(md), "--json", str(js), "--png", str(png)])
+        == 0
+    )
+    assert "| a2.7b | graph | decode ms/token | 8 |" in md.read_text()
+    summary = json.loads(js.read_text())
+    assert [r["key"] for r in summary["rows"]] == ["1", "8"]
+    assert summary["runs"][0]["versions"] == {"device": "test"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name", list(e2e_models.MODELS))
+def test_model_configs_match_the_published_dimensions(name, tmp_path):
+    spec = e2e_models.MODELS[name]
+    e2e_models.write_config(name, 8, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 8
+    assert cfg["architectures"] == spec["config"]["architectures"]
+    loaded = e2e_models.hf_config(name, 8)
+    assert loaded.num_experts == spec["config"]["num_experts"]
+    assert loaded.moe_intermediate_size == spec["config"]["moe_intermediate_size"]
+    assert spec["layers"] <= spec["full_layers"]
+    if name == "next80b":  # three linear-attention layers, then one full
+        assert loaded.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+
+
+def test_checkpoint_has_per_expert_weights_and_a_consistent_reference(tmp_path, monkeypatch):
+    tiny = {
+        "title": "tiny",
+        "layers": 2,
+        "full_layers": 2,
+        "check_layers": 2,
+        "config": {
+            **e2e_models.MODELS["a2.7b"]["config"],
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": 256,
+        },
+    }
+    monkeypatch.setitem(e2e_models.MODELS, "tiny", tiny)
+    ref = e2e_models.make_checkpoint("tiny", tmp_path, [[1, 2, 3], [4, 5]], 6, seed=1)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.0.mlp.experts.0.gate_proj.weight").dtype.is_floating_point
+    # vLLM's qwen2_moe loader maps per-expert gate/up/down weights
+    assert {f"model.layers.1.mlp.experts.3.{w}_proj.weight" for w in ("gate", "up", "down")} <= keys
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in keys
+    assert [len(t) for t in ref["ref_tokens"]] == [6, 6]
+    # greedy tokens are the argmax, so each has the highest log-probability:
+    # it is at least log(1/vocab) and never positive
+    for lps in ref["ref_logprobs"]:
+        assert all(math.log(1 / 256) - 1e-4 <= lp <= 0 for lp in lps)
+    assert json.loads((tmp_path / "moepatch-checkpoint.json").read_text())["layers"] == 2
