@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 from . import export, gitutil
-from .build import BASE_TAG, BRANCH, build, fingerprint, read_state
+from .build import build, fingerprint, read_state
 from .check import check
 from .errors import DriftError, SeriesError
+from .layout import BASE_TAG, BRANCH
 from .pin import load_pin
 from .series import read_series
 from .source import add_source_argument
