@@ -130,7 +130,7 @@ def export(target: Path, patches_dir: Path, revision_range: str | None = None) -
     for name, data in rendered:
         _write_atomic(patches_dir / name, data)
         stale.discard(patches_dir / name)
-    testseam.point("export")
+        testseam.point("export")
     _write_atomic(series, series_text(old, [n for n, _ in rendered]).encode("utf-8"))
     for path in stale:
         path.unlink()

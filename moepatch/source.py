@@ -246,6 +246,7 @@ def add_source_argument(
 
 def resolve_base(pin: Pin, source: str = "auto") -> Base:
     """The verified pristine base for `source`: auto, git, sdist or a path."""
+    testseam.point("resolve")
     if source == "git":
         return base_from_git(pin)
     if source == "sdist":
