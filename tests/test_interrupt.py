@@ -93,6 +93,11 @@ def test_killed_rebuild_is_finished_by_a_plain_rerun(project, two_patches):
     assert subjects(project.target) == ["[MoE] Change line ten", "[Model] Double the gate"]
     assert not gitutil.dirty_paths(project.target)
     assert leftovers(project) == []
+    # Taken back, the tree is the user's again: their work is refused, not rebuilt over.
+    (project.target / "vllm/gate.py").write_text("local edit\n")
+    project.set_series({"line-ten.patch": two_patches["line-ten.patch"]})
+    assert project.run() == 8
+    assert (project.target / "vllm/gate.py").read_text() == "local edit\n"
 
 
 def test_what_killed_git_commands_leave_is_cleared(project, reference):
@@ -117,17 +122,6 @@ def test_killed_download_is_finished_by_a_plain_rerun(project, served_index):
     assert leftovers(project) == []
 
 
-def test_foreign_work_is_still_refused_after_a_kill(project, two_patches, capsys):
-    """Taking back a killed build never takes a tree that holds the user's work."""
-    project.set_series(two_patches)
-    assert project.run() == 0
-    (project.target / "vllm/gate.py").write_text("local edit\n")
-    project.set_series({"line-ten.patch": two_patches["line-ten.patch"]})
-    assert project.run() == 8
-    assert (project.target / "vllm/gate.py").read_text() == "local edit\n"
-    assert not marker_path(project.target).exists()
-
-
 @pytest.mark.parametrize("runs", [2, 4])
 def test_concurrent_builds_share_one_cold_cache(project, two_patches, served_index, tmp_path, runs):
     """Several runs reach the cold cache at the same moment, as CI jobs on one machine would."""
@@ -145,6 +139,7 @@ def test_concurrent_builds_share_one_cold_cache(project, two_patches, served_ind
     assert [p.name for p in (cache_root() / "base").iterdir()] == [f"sdist-{project.sha}"]
     assert len(list((cache_root() / "downloads").rglob("*.tar.gz"))) == 1
     assert not any((cache_root() / "tmp").iterdir())
+    assert sorted(project.target.parent.iterdir()) == targets  # no lock files beside them
 
 
 def test_second_run_on_a_target_being_built_is_refused(project, two_patches, tmp_path, capsys):
