@@ -199,3 +199,14 @@ def test_killed_export_loses_no_file_name(project, two_patches):
     assert b"return 4 * x" in (project.patches / "double-gate.patch").read_bytes()
     assert not list(project.patches.glob(".*"))
     assert project.run("export", "--check") == 0
+
+
+def test_cache_failure_is_one_line_with_its_own_exit_code(project, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("VLLM_MOE_PATCHES_CACHE", str(blocker / "cache"))
+    assert project.run("apply", "-q") == 17
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot create cache directory {blocker / 'cache'}/locks: ")
+    assert not project.target.exists()
