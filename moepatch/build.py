@@ -241,6 +241,7 @@ def build(
         base = resolve_base(pin, source)
         logger.info("base: %s", base.description)
         ownership.begin(target)
+        testseam.point("begin")
         if resuming:
             ownership.clear_leftovers(target)
         _prepare_repo(target, base)

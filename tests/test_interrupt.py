@@ -6,6 +6,7 @@ timer, so these tests behave the same on a loaded machine.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def reference(project, two_patches, tmp_path):
     return gitutil.rev(target, "patched")
 
 
-@pytest.mark.parametrize("point", ["extract", "base-commit", "am", "record"])
+@pytest.mark.parametrize("point", ["extract", "base-commit", "begin", "am", "record"])
 def test_killed_first_build_is_finished_by_a_plain_rerun(project, reference, point):
     killed_at(project, point, source=project.tarball)
     assert project.run() == 0
@@ -180,6 +181,11 @@ def test_git_failure_is_one_line_with_its_own_exit_code(project, two_patches, ca
     assert project.run("apply", "--target", str(other), "-v") == 16
     verbose = capsys.readouterr().err
     assert verbose.count("\n") > 2 and "  fatal: " in verbose
+    # The failed run left a tree of its own making: once the cache is repaired,
+    # a plain run takes it back.
+    shutil.rmtree(cache_root() / "base")
+    assert project.run("apply", "--target", str(other)) == 0
+    assert gitutil.rev(other, "patched") == gitutil.rev(project.target, "patched")
 
 
 def test_killed_export_loses_no_file_name(project, two_patches):
