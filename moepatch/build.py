@@ -2,7 +2,7 @@
 
 What a built tree holds is listed in `layout`. A build that fails never moves
 `patched`: a tree that was built before stays checked out as it was. A build
-that is killed is taken back by the next run (see `target`). Re-running with
+that is killed is taken back by the next run (see `ownership`). Re-running with
 nothing changed is a no-op.
 """
 
