@@ -1,40 +1,26 @@
 """Build the patched tree: the pristine base plus one commit per patch.
 
-Layout of a built tree (a normal git checkout):
-  tag    vllm-base          the pristine release (reproducible SHA)
-  branch patched            base + the whole series, one commit per patch
-  branch moepatch/failed    only after a failed build: base + the patches
-                            that applied, for inspection
-  refs/moepatch/backup/*    local work saved by --force
-  .git/moepatch/state.json  what was built, from which pin and series
-
-A build that fails never moves `patched`: a tree that was built before stays
-checked out as it was. Re-running with nothing changed is a no-op.
+What a built tree holds is listed in `layout`. A build that fails never moves
+`patched`: a tree that was built before stays checked out as it was. A build
+that is killed is taken back by the next run (see `ownership`). Re-running with
+nothing changed is a no-op.
 """
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import gitutil, logger
-from .errors import ConflictError, LockedError, TargetError
+from . import gitutil, logger, ownership, testseam
+from .errors import ConflictError, TargetError
+from .export import render
+from .layout import BACKUP_REFS, BASE_TAG, BRANCH, FAILED_BRANCH, FILENAME_TRAILER, WIP_BRANCH
 from .pin import Pin
 from .series import Patch, message_of
 from .source import Base, resolve_base
-
-BASE_TAG = "vllm-base"
-BRANCH = "patched"
-FAILED_BRANCH = "moepatch/failed"
-WIP_BRANCH = "moepatch/wip"
-BACKUP_REFS = "refs/moepatch/backup"
-FILENAME_TRAILER = "Patch-Filename"
 
 
 @dataclass
@@ -88,31 +74,6 @@ def fingerprint(pin_text: bytes, patches: list[Patch]) -> str:
     for p in patches:
         digest.update(b"\0" + p.name.encode() + b"\0" + p.data)
     return digest.hexdigest()
-
-
-@contextmanager
-def locked(target: Path):
-    """Hold an exclusive lock beside the target; a second run refuses at once."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
-    with open(lock_path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise LockedError(f"{target}: locked by {holder}; try again when it ends") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
-        try:
-            yield
-        finally:
-            lock.seek(0)
-            lock.truncate()
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def with_filename_trailer(patch: Patch) -> bytes:
@@ -195,8 +156,6 @@ def _save_local_work(target: Path, state: State | None) -> list[str]:
 
 def _exported(target: Path, patches: list[Patch]) -> bool:
     """True when the commits on HEAD are exactly the series (e.g. after export)."""
-    from .export import render  # export builds on this module
-
     rendered = render(target, f"{BASE_TAG}..HEAD")
     return rendered == [(p.name, p.data) for p in patches]
 
@@ -213,8 +172,7 @@ def _check_target(
                 f"{target}: exists and was not built by apply.py; "
                 "remove it, pick another --target, or pass --force to move it aside"
             )
-        aside = target.with_name(f"{target.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}")
-        target.replace(aside)
+        aside = ownership.move_contents_aside(target)
         logger.warning("moved %s aside to %s", target, aside)
         return [str(aside)]
     problems = []
@@ -239,9 +197,8 @@ def _check_target(
 
 
 def _prepare_repo(target: Path, base: Base) -> None:
-    if not gitutil.is_repo(target):
-        target.mkdir(parents=True, exist_ok=True)
-        gitutil.run(target, "init", "-q")
+    # Also completes a `git init` that a kill cut short; harmless on a repository.
+    gitutil.run(target, "init", "-q")
     if gitutil.rev(target, base.commit) != base.commit:
         gitutil.run(target, "fetch", "-q", "--no-tags", str(base.repo), base.commit)
     gitutil.run(target, "tag", "-f", BASE_TAG, base.commit)
@@ -271,28 +228,36 @@ def build(
     start = time.monotonic()
     target = Path(target)
     print_ = fingerprint(pin_text, patches)
-    with locked(target):
+    with ownership.locked(target):
+        resuming = ownership.interrupted(target)
         state = read_state(target) if gitutil.is_repo(target) else None
-        if is_up_to_date(target, print_):
+        if not resuming and is_up_to_date(target, print_):
             return BuildResult(target, state, True, time.monotonic() - start)
-        backups = _check_target(target, state, patches, force)
+        if resuming:
+            logger.warning("%s: taking back a build that was interrupted", target)
+            backups = []
+        else:
+            backups = _check_target(target, state, patches, force)
         base = resolve_base(pin, source)
         logger.info("base: %s", base.description)
+        ownership.begin(target)
+        testseam.point("begin")
+        if resuming:
+            ownership.clear_leftovers(target)
         _prepare_repo(target, base)
-        new_state = _apply_series(
-            target,
-            base,
-            patches,
-            print_,
-            had_build=bool(state and state.complete and gitutil.rev(target, BRANCH)),
-        )
+        had_build = bool(state and state.complete and gitutil.rev(target, BRANCH))
+        new_state = _apply_series(target, base, patches, print_, had_build, resuming)
         return BuildResult(target, new_state, False, time.monotonic() - start, backups)
 
 
 def _apply_series(
-    target: Path, base: Base, patches: list[Patch], print_: str, had_build: bool
+    target: Path, base: Base, patches: list[Patch], print_: str, had_build: bool, resuming: bool
 ) -> State:
     gitutil.run(target, "checkout", "-q", "-f", "-B", WIP_BRANCH, base.commit)
+    if resuming:
+        # Files a killed `git am` or checkout wrote and never tracked. The user's
+        # untracked files were refused or saved before the killed build began.
+        gitutil.run(target, "clean", "-q", "-f", "-d")
     state = State(print_, base.commit, base.description, None)
     scratch = Path(tempfile.mkdtemp(prefix="moepatch-am-"))
     try:
@@ -305,13 +270,16 @@ def _apply_series(
             commit = gitutil.rev(target, "HEAD")
             state.applied.append({"name": patch.name, "commit": commit})
             logger.info("applied %s", patch.name)
+            testseam.point("am")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     gitutil.run(target, "checkout", "-q", "-B", BRANCH, WIP_BRANCH)
     gitutil.run(target, "branch", "-q", "-D", WIP_BRANCH)
     gitutil.run(target, "branch", "-q", "-D", FAILED_BRANCH, check=False)
     state.head = gitutil.rev(target, "HEAD")
+    testseam.point("record")
     _write_state(target, state)
+    ownership.end(target)
     return state
 
 
@@ -331,6 +299,7 @@ def _fail(target: Path, state: State, patch: Patch, details: list[str], had_buil
     else:
         state.failed = patch.name
         _write_state(target, state)
+    ownership.end(target)
     hint = (
         f"{where}. To fix patches/{patch.name}: in {target}, `git checkout {FAILED_BRANCH}`, "
         f"`git am -3 -k {patch.path.resolve()}`, resolve, `git am --continue`, then "

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import export
 from .build import build
 from .errors import SeriesError, ToolError
+from .layout import BASE_TAG
 from .pin import load_pin
 from .series import header_problems, parse_patch, read_series_names, unlisted_patches
 
@@ -58,7 +59,7 @@ def check(pin_path: Path, patches_dir: Path, source: str = "auto") -> CheckRepor
                     report.problems.append(
                         f"patches/{patch.name}: 'Tests: {test}' does not exist in the patched tree"
                     )
-        rendered = export.render(tree, f"{export.BASE_TAG}..HEAD")
+        rendered = export.render(tree, f"{BASE_TAG}..HEAD")
         for name in export.drift(patches_dir, rendered):
             report.problems.append(
                 f"patches/{name}: differs from what apply + export produce "

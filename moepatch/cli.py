@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import git
-
 from . import logger
 from .errors import ToolError
 
@@ -30,7 +28,8 @@ exit codes: 1 other error, 2 usage, 3 bad pin, 4 series file missing or a patch
 file not listed in it, 5 verification failed (hash, version, commit), 6 network
 unreachable, 7 patch conflict, 8 target has local work, 9 target locked,
 10 patches/ drifted from the tree, 11 unsafe archive, 12 truncated download,
-13 series entry listed twice, 14 listed patch file missing, 15 not a patch.
+13 series entry listed twice, 14 listed patch file missing, 15 not a patch,
+16 a git command failed, 17 the cache cannot be written (-v: the details).
 Downloads and pristine bases are cached in $VLLM_MOE_PATCHES_CACHE
 (default: $XDG_CACHE_HOME/vllm-moe-patches, i.e. ~/.cache/vllm-moe-patches).
 """
@@ -63,7 +62,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", type=Path, help="cache for downloads and bases (sets VLLM_MOE_PATCHES_CACHE)"
     )
     group.add_argument(
-        "-v", "--verbose", action="count", default=0, help="say more (-vv: every git command)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="say more, and give an error's details (git's own output); -vv: every git command",
     )
     group.add_argument("-q", "--quiet", action="store_true", help="only errors")
 
@@ -117,17 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
+        if args.verbose:
+            for line in e.details:
+                print(f"  {line}", file=sys.stderr)
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}))
         return e.exit_code
-    except git.GitCommandError as e:
-        print(
-            f"error: git failed: {' '.join(map(str, e.command))}: {str(e.stderr).strip()}",
-            file=sys.stderr,
-        )
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

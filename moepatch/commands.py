@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 from . import export, gitutil
-from .build import BASE_TAG, BRANCH, build, fingerprint, read_state
+from .build import build, fingerprint, read_state
 from .check import check
 from .errors import DriftError, SeriesError
+from .layout import BASE_TAG, BRANCH
 from .pin import load_pin
 from .series import read_series
 from .source import add_source_argument
@@ -27,8 +28,10 @@ branch is rebuilt from the base. A patch that does not apply stops the build:
 `patched` keeps the previous build (if any) and the branch `moepatch/failed`
 holds the patches that did apply. TARGET with uncommitted changes, commits of
 its own or content not built by this tool is refused unless --force, which
-keeps that work under refs/moepatch/backup/ (or moves a foreign directory
-aside to TARGET.backup-<time>).
+keeps that work under refs/moepatch/backup/ (or moves a foreign directory's
+contents aside to TARGET.backup-<time>). A build that was killed is finished
+by the next plain run. Runs may share the cache; a second run on the same
+TARGET is refused (exit 9).
 
 sources:
   auto     git when the pin's repository answers within 5 s, else sdist

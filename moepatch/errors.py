@@ -7,6 +7,7 @@ class ToolError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, hint: str | None = None, details=None) -> None:
+        # details: extra lines (e.g. git's own output) printed only with -v
         super().__init__(message)
         self.hint = hint
         self.details = list(details or [])
@@ -88,3 +89,15 @@ class ArchiveError(ToolError):
     """An archive holds unsafe members (absolute paths, '..', escaping links)."""
 
     exit_code = 11
+
+
+class GitError(ToolError):
+    """A git command failed; the message names it and the repository, -v shows git's output."""
+
+    exit_code = 16
+
+
+class CacheError(ToolError):
+    """The cache directory could not be written, locked or published into."""
+
+    exit_code = 17

@@ -11,9 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import gitutil, logger
-from .build import BASE_TAG, FILENAME_TRAILER
+from . import gitutil, logger, testseam
 from .errors import DriftError, SeriesError, ToolError
+from .layout import BASE_TAG, FILENAME_TRAILER
 from .series import mail_subject, parse_patch
 
 FORMAT_PATCH = (
@@ -121,14 +121,27 @@ def export(target: Path, patches_dir: Path, revision_range: str | None = None) -
     rendered = render(target, revision_range, known_names(patches_dir))
     series = patches_dir / "series"
     old = series.read_text(encoding="utf-8") if series.is_file() else None
-    for path in patches_dir.glob("*.patch"):
-        path.unlink()
     patches_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in patches_dir.glob(".*.partial"):
+        leftover.unlink()  # from a killed export
+    stale = set(patches_dir.glob("*.patch"))
+    # Each file is replaced whole and old ones go last, so a killed export
+    # loses nothing: the tree still holds every patch and a re-run finishes.
     for name, data in rendered:
-        (patches_dir / name).write_bytes(data)
-    series.write_text(series_text(old, [n for n, _ in rendered]), encoding="utf-8")
+        _write_atomic(patches_dir / name, data)
+        stale.discard(patches_dir / name)
+        testseam.point("export")
+    _write_atomic(series, series_text(old, [n for n, _ in rendered]).encode("utf-8"))
+    for path in stale:
+        path.unlink()
     logger.info("exported %d patch(es) from %s", len(rendered), revision_range)
     return [n for n, _ in rendered]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 def check_drift(target: Path, patches_dir: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import git
 
 from . import logger
+from .errors import GitError
 
 # The identity that commits patches, and the one that records a pristine tree
 # made from an sdist or a plain directory. Fixed so commit SHAs repeat.
@@ -71,7 +72,8 @@ def run(
 ) -> tuple[int, str, str]:
     """Run `git <args>` in cwd; return (status, stdout, stderr).
 
-    With check=True a non-zero status raises git.GitCommandError.
+    With check=True a non-zero status raises GitError: one line naming the
+    command and the repository, git's own output kept for -v.
     """
     command = ["git", "--no-pager", *_options(), *args]
     logger.debug("git %s  (in %s)", " ".join(args), cwd)
@@ -80,10 +82,21 @@ def run(
         command,
         env=full_env,
         with_extended_output=True,
-        with_exceptions=check,
+        with_exceptions=False,
         strip_newline_in_stdout=strip,
     )
+    if check and status != 0:
+        raise _one_line_error(cwd, args, status, err)
     return status, out, err
+
+
+def _one_line_error(cwd: Path, args: tuple[str, ...], status: int, stderr: str) -> GitError:
+    """git's last `fatal:`/`error:` line (else its last line) after the command and path."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith(("fatal:", "error:"))]
+    reason = (reasons or lines or [f"exit status {status}"])[-1]
+    more = " (-v shows git's output)" if len(lines) > 1 else ""
+    return GitError(f"git {args[0]} failed in {cwd}: {reason}{more}", details=lines)
 
 
 def out(cwd: Path, *args: str, **kwargs) -> str:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from . import logger
-from .cache import cache_root
+from . import logger, testseam
+from .cache import cache_dir, cache_lock, cache_root
 from .errors import NetworkError, ToolError, TruncatedError, VerifyError
 
 _ACCEPT = (
@@ -180,9 +180,10 @@ def sha256_file(path: Path) -> str:
 def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
     """Download (or reuse from the cache) one file, verified by sha256.
 
-    The cache is keyed by the hash, so a hit needs no network. A download is
-    written beside its final name and renamed only once the size and hash are
-    right: a broken or tampered download never enters the cache.
+    The cache is keyed by the hash, so a hit needs no network. A download runs
+    under the entry's cache lock and is written beside its final name, renamed
+    only once the size and hash are right: a broken or tampered download never
+    enters the cache, and concurrent runs download it once.
     """
     sha = (expected_sha256 or f.sha256 or "").lower()
     if not sha:
@@ -193,7 +194,16 @@ def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
     if dest.is_file() and sha256_file(dest) == sha:
         logger.debug("cache hit: %s", dest)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(f"download-{sha}"):
+        if dest.is_file() and sha256_file(dest) == sha:  # another run just fetched it
+            return dest
+        for stale in cache_dir("downloads", sha).glob(f"{f.filename}.part-*"):
+            stale.unlink()  # left by a killed run; only the lock holder writes here
+        _download(f, sha, dest)
+    return dest
+
+
+def _download(f: IndexFile, sha: str, dest: Path) -> None:
     partial = dest.with_name(dest.name + f".part-{os.getpid()}")
     digest = hashlib.sha256()
     received = 0
@@ -209,6 +219,7 @@ def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                    testseam.point("download")
         if total is not None and received != total:
             raise TruncatedError(f"{f.filename}: download truncated ({received} of {total} bytes)")
         if digest.hexdigest() != sha:
@@ -220,4 +231,3 @@ def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
         raise NetworkError(f"{f.filename}: download failed: {getattr(e, 'reason', e)}") from None
     finally:
         partial.unlink(missing_ok=True)
-    return dest

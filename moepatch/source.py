@@ -19,12 +19,11 @@ import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gitutil, index, logger
-from .cache import cache_root
+from . import gitutil, index, logger, testseam
+from .cache import cache_lock, cache_root, publish, scratch
 from .errors import ArchiveError, NetworkError, ToolError, VerifyError
 from .pin import Pin
 
@@ -97,28 +96,10 @@ def _commit_tree(tree: Path, message: str) -> str:
     gitutil.run(tree, "init", "-q")
     excludes = [f":(exclude,glob)**/{p}" for p in _EXCLUDED_FROM_BASE]
     gitutil.run(tree, "add", "--force", "--all", "--", ".", *excludes)
+    testseam.point("base-commit")
     env = gitutil.env_for(gitutil.BASE_AUTHOR, gitutil.BASE_DATE)
     gitutil.run(tree, "commit", "-q", "--allow-empty", "-m", message, env=env)
     return gitutil.rev(tree, "HEAD")
-
-
-def _base_from_tree(tree: Path, pin: Pin, key: str, label: str, source: str) -> Base:
-    """Commit a verified release tree into the cache under `key` (moved, not copied)."""
-    verify_tree(tree, pin)
-    final = cache_root() / "base" / key
-    message = (
-        f"vLLM {pin.version}\n\n"
-        f"Pristine release tree from {label}, committed by vllm-moe-patches.\n"
-        f"Upstream tag {pin.tag}, commit {pin.commit}. Build metadata "
-        f"({', '.join(_EXCLUDED_FROM_BASE)}) left out.\n"
-    )
-    commit = _commit_tree(tree, message)
-    (tree / ".git" / _BASE_MARKER).write_text(commit + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tree.replace(final)
-    return Base(final, commit, source, label)
 
 
 def _cached_base(key: str, source: str, label: str) -> Base | None:
@@ -131,25 +112,44 @@ def _cached_base(key: str, source: str, label: str) -> Base | None:
     return None
 
 
-def _scratch() -> Path:
-    (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="extract-", dir=cache_root() / "tmp"))
+def _make_base(key: str, pin: Pin, label: str, source: str, unpack) -> Base:
+    """The cached base `key`, made once under its cache lock if missing.
+
+    `unpack(scratch)` writes the release tree into a scratch directory and
+    returns it; it is verified, committed there, and published whole.
+    """
+    cached = _cached_base(key, source, label)
+    if cached:
+        return cached
+    entry, final = f"base-{key}", cache_root() / "base" / key
+    with cache_lock(entry):
+        cached = _cached_base(key, source, label)  # made while we waited
+        if cached:
+            return cached
+        work = scratch(entry)
+        try:
+            tree = unpack(work)
+            testseam.point("extract")
+            verify_tree(tree, pin)
+            message = (
+                f"vLLM {pin.version}\n\n"
+                f"Pristine release tree from {label}, committed by vllm-moe-patches.\n"
+                f"Upstream tag {pin.tag}, commit {pin.commit}. Build metadata "
+                f"({', '.join(_EXCLUDED_FROM_BASE)}) left out.\n"
+            )
+            commit = _commit_tree(tree, message)
+            (tree / ".git" / _BASE_MARKER).write_text(commit + "\n")
+            publish(entry, tree, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return Base(final, commit, source, label)
 
 
 def base_from_tarball(archive: Path, pin: Pin, label: str, source: str) -> Base:
     sha = index.sha256_file(archive)
     if sha != pin.sdist_sha256:
         raise VerifyError(f"{archive}: sha256 {sha}, the pin says {pin.sdist_sha256}")
-    key = f"sdist-{sha}"
-    cached = _cached_base(key, source, label)
-    if cached:
-        return cached
-    scratch = _scratch()
-    try:
-        tree = safe_extract(archive, scratch)
-        return _base_from_tree(tree, pin, key, label, source)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return _make_base(f"sdist-{sha}", pin, label, source, lambda work: safe_extract(archive, work))
 
 
 def base_from_sdist(pin: Pin) -> Base:
@@ -162,13 +162,10 @@ def base_from_sdist(pin: Pin) -> Base:
     return base_from_tarball(archive, pin, label, "sdist")
 
 
-def _git_cache(pin: Pin) -> Path:
+def _git_cache(pin: Pin) -> tuple[str, Path]:
+    """(lock entry, path) of the bare repository caching the pin's repository."""
     name = hashlib.sha256(pin.repository.encode()).hexdigest()[:16]
-    repo = cache_root() / "git" / f"{name}.git"
-    if not (repo / "HEAD").exists():
-        repo.mkdir(parents=True, exist_ok=True)
-        gitutil.run(repo, "init", "-q", "--bare")
-    return repo
+    return f"git-{name}", cache_root() / "git" / f"{name}.git"
 
 
 def git_reachable(url: str, timeout: float = GIT_PROBE_TIMEOUT_S) -> bool:
@@ -185,7 +182,16 @@ def git_reachable(url: str, timeout: float = GIT_PROBE_TIMEOUT_S) -> bool:
 
 
 def base_from_git(pin: Pin) -> Base:
-    repo = _git_cache(pin)
+    entry, repo = _git_cache(pin)
+    with cache_lock(entry):
+        if not (repo / "HEAD").exists():
+            work = scratch(entry)
+            gitutil.run(work, "init", "-q", "--bare")
+            publish(entry, work, repo)
+        return _fetch_pinned(pin, repo)
+
+
+def _fetch_pinned(pin: Pin, repo: Path) -> Base:
     ref = f"refs/moepatch/{pin.tag}"
     commit = gitutil.rev(repo, ref)
     if not commit or not pin.matches_commit(commit):
@@ -222,14 +228,13 @@ def base_from_path(path: Path, pin: Pin) -> Base:
                 return Base(path, commit, "path", f"git checkout {path} ({commit[:12]})")
         raise VerifyError(f"{path}: no commit matching the pin ({pin.commit}, {pin.tag})")
     verify_tree(path, pin)
-    scratch = _scratch()
-    try:
-        copy = scratch / "tree"
-        shutil.copytree(path, copy, symlinks=True)
-        key = "tree-" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
-        return _base_from_tree(copy, pin, key, f"tree {path}", "path")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    key = "tree-" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+
+    def copy(work: Path) -> Path:
+        shutil.copytree(path, work / "tree", symlinks=True)
+        return work / "tree"
+
+    return _make_base(key, pin, f"tree {path}", "path", copy)
 
 
 def add_source_argument(
@@ -241,6 +246,7 @@ def add_source_argument(
 
 def resolve_base(pin: Pin, source: str = "auto") -> Base:
     """The verified pristine base for `source`: auto, git, sdist or a path."""
+    testseam.point("resolve")
     if source == "git":
         return base_from_git(pin)
     if source == "sdist":

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import gitutil, logger
-from .build import BASE_TAG
 from .errors import ConflictError, SeriesError, TargetError, ToolError
+from .layout import BASE_TAG
 from .pin import load_pin
 from .rebase import CLEAN, THREE_WAY, UPSTREAMED, apply_mbox, resolve_release, write_mbox
 from .series import Patch, read_series

@@ -1,15 +1,21 @@
 """apply / status / export / check on a small generated release."""
 
-import fcntl
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from release_fixtures import RELEASE_FILES, make_patch, moe_with
 
 from moepatch import gitutil
-from moepatch.build import FAILED_BRANCH, locked
+from moepatch.layout import FAILED_BRANCH
+from moepatch.ownership import locked
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def subjects(project) -> list[str]:
@@ -179,16 +185,39 @@ def test_foreign_directory_is_refused_then_moved_aside(project):
 def test_second_run_on_locked_target_refuses(project, capsys):
     with locked(project.target):
         assert project.run() == 9
-    assert "locked by pid" in capsys.readouterr().err
+    assert "another apply.py run is building it" in capsys.readouterr().err
     assert project.run() == 0
 
 
 def test_lock_is_released_by_a_dead_process(project):
-    lock_path = project.target.parent / f".{project.target.name}.lock"
-    project.target.parent.mkdir(parents=True)
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    project.target.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_DIE, str(project.target)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert holder.stdout.readline() == b"locked\n"
+    assert holder.wait() == -signal.SIGKILL
     assert project.run() == 0
+
+
+# Takes the target's lock as apply.py does, says so, then dies without unlocking.
+_HOLD_AND_DIE = """
+import os, signal, sys
+from moepatch.ownership import locked
+with locked(sys.argv[1]):
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_no_lock_file_is_left_anywhere_beside_the_target(project, two_patches):
+    project.set_series(two_patches)
+    assert project.run() == 0
+    assert sorted(p.name for p in project.target.parent.iterdir()) == ["vllm"]
+    assert not list(project.target.parent.parent.glob("**/*.lock"))
+    assert project.run() == 0  # the no-op re-run takes the lock too
+    assert sorted(p.name for p in project.target.parent.iterdir()) == ["vllm"]
 
 
 def test_export_round_trips_byte_for_byte(project, two_patches):
