@@ -52,6 +52,9 @@ PLUGIN_NAME = "_moepatch_pytest_report"
 REPORT_ENV = "MOEPATCH_PYTEST_REPORT"
 DESELECT_ENV = "MOEPATCH_PYTEST_DESELECT"
 
+# How long pytest gets after each stop signal (SIGINT, SIGTERM) at --time-limit.
+STOP_GRACE_S = 5.0
+
 # Exit codes (pytest's own where they mean the same thing).
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -550,6 +553,36 @@ def _git_rev(tree: Path) -> str | None:
     return rev if Path(top).resolve() == Path(tree).resolve() else None
 
 
+def _default_sigint() -> None:
+    # runs in the child before exec: Python turns SIGINT into KeyboardInterrupt
+    # only when it starts with SIGINT at its default, not ignored
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop pytest: SIGINT (it writes its reports), then SIGTERM, then SIGKILL.
+
+    Each step waits ``STOP_GRACE_S``. A SIGINT can be lost (pytest still
+    starting, a library that swallows KeyboardInterrupt); what the plugin
+    recorded before a harder stop is kept either way.
+    """
+    proc.send_signal(signal.SIGINT)  # only pytest's main process: it stops xdist
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+            break
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+    proc.wait()
+    try:  # a worker still alive after pytest's main process ended
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_pytest(
     tree: Path,
     groups: list[Group],
@@ -613,21 +646,24 @@ def run_pytest(
             rc = EXIT_EMPTY
         else:
             out = subprocess.DEVNULL if quiet else None
-            proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out)
+            # its own process group, so that a stop reaches xdist's workers too;
+            # SIGINT at its default even when this process inherited it ignored
+            proc = subprocess.Popen(
+                cmd,
+                cwd=tree,
+                env=env,
+                stdout=out,
+                process_group=0,
+                preexec_fn=_default_sigint,
+            )
             try:
                 rc = proc.wait(timeout=time_limit)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                proc.send_signal(signal.SIGINT)  # pytest writes its reports on ^C
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                _stop(proc)
                 rc = EXIT_INTERRUPTED
             except KeyboardInterrupt:
-                proc.send_signal(signal.SIGINT)
-                proc.wait()
+                _stop(proc)
                 raise
         duration = time.time() - t0
         records = []
@@ -675,11 +711,11 @@ def run_pytest(
             EXIT_FAILED,
         )
     elif timed_out:
-        shown = collected if collected is not None else "?"
-        msg = (
-            f"INTERRUPTED after the {time_limit:.0f} s time limit "
-            f"({len(nodes)} of {shown} tests reported)"
-        )
+        if collected is None:
+            shown = f", before pytest finished collecting ({complete} tests reported)"
+        else:
+            shown = f" ({complete} of {collected} tests reported)"
+        msg = f"INTERRUPTED after the {time_limit:.0f} s time limit{shown}"
         verdict, code = (
             msg,
             EXIT_INTERRUPTED,
@@ -1042,7 +1078,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--time-limit",
         type=float,
         metavar="S",
-        help="interrupt pytest after S seconds (partial results kept; exit 2)",
+        help="interrupt pytest after S seconds (SIGINT, then SIGTERM and SIGKILL "
+        f"{STOP_GRACE_S:.0f} s apart; partial results kept; exit 2)",
     )
     p.add_argument(
         "--allow-empty",

@@ -4,8 +4,11 @@ pytest files, a fake series, a fake wheel and a synthetic ELF."""
 
 import importlib.util
 import json
+import signal
 import struct
 import subprocess
+import sys
+import time
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -46,7 +49,15 @@ TEST_SKIPS = (
 )
 TEST_EMPTY = "X = 1\n"
 TEST_BROKEN = "import does_not_exist_anywhere\n\ndef test_x():\n    pass\n"
-TEST_SLOW = "import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(60)\n"
+# test_slow sleeps far longer than the stop grace: only a stop ends it
+TEST_SLOW = "import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(600)\n"
+# pytest that does not react to SIGINT (a SIGINT lost while it starts, or one
+# that a library swallows): only SIGTERM/SIGKILL after the grace stops it
+IGNORE_SIGINT = "import signal\n\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+# a start-up that outlasts the limit: conftest.py is imported before collection
+SLOW_START = "import time\n\ntime.sleep(600)\n"
+# how long a stopped run may take past its limit (grace + start/stop under load)
+STOP_SLACK_S = 25
 
 
 def _patch_text(name: str, tests: list[str]) -> str:
@@ -296,14 +307,58 @@ def test_missing_test_file_is_reported(fake, tmp_path):
     assert "not in this tree" in row["not_run"][0]["reason"]
 
 
-def test_time_limit_interrupts_and_keeps_partial_results(fake, tmp_path):
-    rc, result, _ = _run(fake, tmp_path, "--patch", "slow.patch", "--time-limit", "4")
+@pytest.mark.parametrize("sigint", ["honoured", "ignored"])
+def test_time_limit_interrupts_and_keeps_partial_results(fake, tmp_path, sigint):
+    tree, _ = fake
+    if sigint == "ignored":
+        (tree / "conftest.py").write_text(IGNORE_SIGINT)
+    t0 = time.monotonic()
+    rc, result, junit = _run(fake, tmp_path, "--patch", "slow.patch", "--time-limit", "4")
+    assert time.monotonic() - t0 < 4 + STOP_SLACK_S  # the limit holds
     assert rc == testing.EXIT_INTERRUPTED
     assert result["nodes"]["tests/kernels/test_slow.py::test_fast"] == "passed"
     # The test the limit cut off is unfinished, not red.
     assert result["nodes"]["tests/kernels/test_slow.py::test_slow"] == "unfinished"
     assert result["total"]["error"] == 0 and result["total"]["unfinished"] == 1
-    assert "INTERRUPTED" in result["verdict"]
+    assert "INTERRUPTED" in result["verdict"] and "1 of 2 tests reported" in result["verdict"]
+    if sigint == "honoured":  # pytest stopped on ^C: its own reports are written
+        assert 'name="test_fast"' in junit
+
+
+@pytest.mark.parametrize("sigint", ["honoured", "ignored"])
+def test_time_limit_during_pytest_start_up(fake, tmp_path, sigint):
+    tree, _ = fake
+    (tree / "conftest.py").write_text((IGNORE_SIGINT if sigint == "ignored" else "") + SLOW_START)
+    t0 = time.monotonic()
+    rc, result, _ = _run(fake, tmp_path, "--patch", "two.patch", "--time-limit", "2")
+    assert time.monotonic() - t0 < 2 + STOP_SLACK_S
+    assert rc == testing.EXIT_INTERRUPTED
+    assert result["nodes"] == {} and result["collected_reported"] is None
+    assert result["verdict"] == (
+        "INTERRUPTED after the 2 s time limit, before pytest finished collecting (0 tests reported)"
+    )
+
+
+def test_time_limit_holds_when_sigint_is_ignored_by_the_caller(fake, tmp_path):
+    # A job started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and so would pytest: the tool gives pytest the default.
+    tree, patches = fake
+    out, junit = tmp_path / "result.json", tmp_path / "result.xml"
+    code = "import sys; from moepatch import testing; sys.exit(testing.main(sys.argv[1:]))"
+    argv = ["--tree", str(tree), "--patches", str(patches), "--json", str(out)]
+    argv += ["--junit", str(junit), "-q", "--patch", "slow.patch", "--time-limit", "4"]
+    t0 = time.monotonic()
+    rc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        capture_output=True,
+        check=False,
+    ).returncode
+    assert time.monotonic() - t0 < 4 + STOP_SLACK_S
+    assert rc == testing.EXIT_INTERRUPTED
+    assert json.loads(out.read_text())["total"]["unfinished"] == 1
+    assert 'name="test_fast"' in junit.read_text()  # written by pytest on ^C
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xdist") is None, reason="needs pytest-xdist")
