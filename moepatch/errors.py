@@ -88,3 +88,10 @@ class ArchiveError(ToolError):
     """An archive holds unsafe members (absolute paths, '..', escaping links)."""
 
     exit_code = 11
+
+
+class TestSetupError(ToolError):
+    """The tests cannot be started: no tree, bad selection, unknown patch."""
+
+    __test__ = False  # not a pytest class
+    exit_code = 20

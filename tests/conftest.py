@@ -1,6 +1,7 @@
 """pytest hooks and fixtures; the fake releases live in release_fixtures.py."""
 
 import pytest
+from fake_vllm import make_fake
 from release_fixtures import RELEASE_FILES, Project, make_patch, moe_with
 
 from moepatch import logger
@@ -33,3 +34,9 @@ def two_patches() -> dict[str, bytes]:
         after_first, {"vllm/gate.py": "def gate(x):\n    return 2 * x\n"}, "[Model] Double the gate"
     )
     return {"line-ten.patch": first, "double-gate.patch": second}
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A fake built vLLM tree and its patches/ (fake_vllm.py)."""
+    return make_fake(tmp_path)
