@@ -45,7 +45,7 @@ COMMANDS = {
         "moepatch.testing.command",
         "run the patches' tests and vLLM's upstream tests on the tree",
     ),
-    "rebase": ("moepatch.rebase", "move the series to another vLLM release (3-way, resumable)"),
+    "rebase": ("moepatch.rebase_cli", "move the series to another vLLM release (3-way, resumable)"),
     "matrix": ("moepatch.matrix", "which patch applies to which release"),
     "upstream": ("moepatch.upstream", "one patch as an upstream PR: branch, tests, lint, PR text"),
 }

@@ -38,7 +38,8 @@ from . import gitutil, logger
 from .build import BASE_TAG
 from .errors import ConflictError, SeriesError, TargetError, ToolError
 from .pin import load_pin
-from .rebase import CLEAN, THREE_WAY, UPSTREAMED, apply_mbox, resolve_release, write_mbox
+from .release import resolve_release
+from .replay import CLEAN, THREE_WAY, UPSTREAMED, apply_mbox, write_mbox
 from .series import Patch, read_series
 from .source import add_source_argument, resolve_base
 from .testing.runner import run_pytest
