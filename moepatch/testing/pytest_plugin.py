@@ -1,4 +1,8 @@
-"""Records each test report as one JSON line in $MOEPATCH_PYTEST_REPORT."""
+"""Records each test report as one JSON line in $MOEPATCH_PYTEST_REPORT.
+
+Not imported by the tool: the runner copies this file into the run's temp dir
+and pytest loads it with ``-p`` inside the vLLM tree (see runner.py).
+"""
 
 import json
 import os
