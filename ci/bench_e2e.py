@@ -246,7 +246,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 class Driver:
     def __init__(self, args: argparse.Namespace) -> None:
-        from bench_layers import _versions, unpack_bundle
+        from device_harness import unpack_bundle, versions
 
         self.args = args
         self.t0 = time.monotonic()
@@ -258,7 +258,7 @@ class Driver:
         self.raw = {
             "kind": "bench_e2e",
             "manifest": {k: manifest.get(k) for k in ("pin", "series", "revisions", "created")},
-            "versions": _versions(),
+            "versions": versions(),
             "decode_tokens": DECODE_TOKENS,
             "prompt_len": PROMPT_LEN,
             "records": [],

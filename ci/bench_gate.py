@@ -11,7 +11,7 @@ Two steps, one per subcommand, around the one device bundle::
     # here, with the file the device call sent back:
     python ci/bench_gate.py report --json <files_at>/gate-bench-raw.json
 
-`device` unpacks the bundle's patched tree (ci/bench_layers.py's
+`device` unpacks the bundle's patched tree (ci/device_harness.py's
 unpack_bundle), runs benchmarks/kernels/benchmark_shared_expert_gate.py
 (eager 3-kernel expression vs torch.compile of it vs the fused kernel; cold
 single-call, do_bench and CUDA-graph timings; a 1 GiB copy as the bandwidth
@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layers import tree_digest, unpack_bundle  # noqa: E402
+from device_harness import tree_digest, unpack_bundle  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"

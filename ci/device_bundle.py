@@ -307,7 +307,9 @@ def _size(path: Path) -> int:
 
 def build(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO))
-    from moepatch import precompiled, testing
+    from moepatch import precompiled
+    from moepatch.testing.runner import tree_version
+    from moepatch.testing.selection import build_spec
 
     tree = Path(args.tree).resolve()
     out = Path(args.out).resolve()
@@ -317,7 +319,7 @@ def build(args: argparse.Namespace) -> int:
     t0 = time.time()
     manifest: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     manifest["trees"] = pack_trees(tree, out, args.base_rev, args.head_rev)
-    version = args.version or testing.tree_version(tree)
+    version = args.version or tree_version(tree)
     manifest["version"] = version
     wheel = precompiled.fetch_wheel(version, Path(args.wheel) if args.wheel else None)
     modules = tuple(precompiled.DEFAULT_MODULES) + tuple(args.module or ())
@@ -331,7 +333,7 @@ def build(args: argparse.Namespace) -> int:
     for w in wheels:
         shutil.copyfile(w, out / "wheels" / w.name)
     manifest["wheels"] = [w.name for w in wheels]
-    spec = testing.build_spec(REPO / "patches", device="cuda")
+    spec = build_spec(REPO / "patches", device="cuda")
     (out / "selection.json").write_text(json.dumps(spec, indent=1) + "\n")
     manifest["bundle_bytes"] = _size(out)
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -21,7 +21,7 @@ if [[ "${2:-}" == "--capture-priority" ]]; then
 fi
 W=/tmp/bench_race
 export PYTHONUNBUFFERED=1
-python3 -c "import sys; sys.path.insert(0, 'ci'); import bench_layers as b; from pathlib import Path; b.unpack_bundle(Path('$B'), Path('$W'))" || exit 1
+python3 -c "import sys; sys.path.insert(0, 'ci'); import device_harness as h; from pathlib import Path; h.unpack_bundle(Path('$B'), Path('$W'))" || exit 1
 python3 ci/layer_variants.py --work "$W" nogate pad3 rf-base rf-patched || exit 1
 set -- $(python3 -c "import json; m = json.load(open('$B/MANIFEST.json'))['trees']; print(m['base_rev'], m['head_rev'])")
 COMMON=(--base "$W/base" --patched "$W/patched" --site "$W/site" --base-rev "$1" --patched-rev "$2"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Diagnostic variants of the unpacked layer-benchmark trees (issue 9).
 
-Runs ON the GPU device, after ``bench_layers.unpack_bundle`` made
+Runs ON the GPU device, after ``device_harness.unpack_bundle`` made
 ``<work>/base`` and ``<work>/patched``. Each variant is a copy of one of them
 with one edit, timed beside the two by ``ci/bench_layers.py run --also
 LABEL=<work>/LABEL``. They answer why the patched Qwen1.5-MoE-A2.7B block at

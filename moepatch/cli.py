@@ -40,8 +40,11 @@ COMMANDS = {
     "status": ("moepatch.commands", "show the pin, the source and each patch's state"),
     "export": ("moepatch.commands", "rewrite patches/ from the commits of the built tree"),
     "check": ("moepatch.commands", "lint the series, apply it in a scratch tree, compare"),
-    "test": ("moepatch.testing", "run the patches' tests and vLLM's upstream tests on the tree"),
-    "rebase": ("moepatch.rebase", "move the series to another vLLM release (3-way, resumable)"),
+    "test": (
+        "moepatch.testing.command",
+        "run the patches' tests and vLLM's upstream tests on the tree",
+    ),
+    "rebase": ("moepatch.rebase_cli", "move the series to another vLLM release (3-way, resumable)"),
     "matrix": ("moepatch.matrix", "which patch applies to which release"),
     "upstream": ("moepatch.upstream", "one patch as an upstream PR: branch, tests, lint, PR text"),
 }

@@ -101,3 +101,10 @@ class CacheError(ToolError):
     """The cache directory could not be written, locked or published into."""
 
     exit_code = 17
+
+
+class TestSetupError(ToolError):
+    """The tests cannot be started: no tree, bad selection, unknown patch."""
+
+    __test__ = False  # not a pytest class
+    exit_code = 20

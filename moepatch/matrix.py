@@ -32,7 +32,8 @@ from . import gitutil, index, logger
 from .cache import cache_root
 from .errors import NetworkError, ToolError
 from .pin import Pin, load_pin
-from .rebase import CONFLICT, UPSTREAMED, apply_mbox, resolve_release, write_mbox
+from .release import resolve_release
+from .replay import CONFLICT, UPSTREAMED, apply_mbox, write_mbox
 from .series import read_series
 from .source import Base, add_source_argument, resolve_base
 

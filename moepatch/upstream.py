@@ -27,7 +27,6 @@ built tree:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,9 +38,12 @@ from . import gitutil, logger
 from .errors import ConflictError, SeriesError, TargetError, ToolError
 from .layout import BASE_TAG
 from .pin import load_pin
-from .rebase import CLEAN, THREE_WAY, UPSTREAMED, apply_mbox, resolve_release, write_mbox
+from .release import resolve_release
+from .replay import CLEAN, THREE_WAY, UPSTREAMED, apply_mbox, write_mbox
 from .series import Patch, read_series
 from .source import add_source_argument, resolve_base
+from .testing.runner import run_pytest
+from .testing.selection import Selector, build_spec, select
 
 DEFAULT_OUT = Path("build/upstream")
 PROJECT_TRAILERS = ("Upstream", "Status", "Tests", "Related", "Patch-Filename")
@@ -172,51 +174,22 @@ def lint(tree: Path, files: list[str]) -> list[dict]:
 
 
 def run_tests(tree: Path, patches_dir: Path, patch: Patch, time_limit: float | None) -> dict:
-    """The patch's CPU tests, via moepatch.testing when present, else plain pytest."""
-    try:
-        from . import testing
-    except ImportError:  # pragma: no cover - the test module is optional
-        testing = None
-    if testing is not None and hasattr(testing, "run_pytest"):
-        spec = testing.build_spec(patches_dir, "cpu")
-        groups = testing.select(spec, [patch.name], False)
-        exclude = [testing.Selector(**s) for s in spec["exclude"]]
-        result = testing.run_pytest(
-            tree, groups, exclude, device="cpu", quiet=True, time_limit=time_limit, label=patch.name
-        )
-        total = result["total"]
-        return {
-            "command": "cd <tree> && VLLM_TARGET_DEVICE=cpu TRITON_INTERPRET=1 "
-            "PYTHONPATH=$PWD python -m pytest -q "
-            + " ".join(c for c in result["command"][1:] if c.startswith("tests")),
-            "verdict": result["verdict"],
-            "counts": {
-                k: total.get(k, 0) for k in ("passed", "failed", "error", "skipped", "xfailed")
-            },
-            "duration_s": result["duration_s"],
-            "not_run": total.get("not_run", []),
-        }
-    tests = [t for t in patch.tests if (tree / t.split("::", 1)[0]).exists()]
-    if not tests:
-        return {"command": "", "verdict": "EMPTY: no tests", "counts": {}}
-    env = {
-        **os.environ,
-        "VLLM_TARGET_DEVICE": "cpu",
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": str(tree),
-    }
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-    proc = subprocess.run(
-        cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=time_limit, check=False
+    """The patch's CPU tests, run as ``apply.py test --patch NAME --device cpu`` runs them."""
+    spec = build_spec(patches_dir, "cpu")
+    groups = select(spec, [patch.name], False)
+    exclude = [Selector(**s) for s in spec["exclude"]]
+    result = run_pytest(
+        tree, groups, exclude, device="cpu", quiet=True, time_limit=time_limit, label=patch.name
     )
-    summary = (proc.stdout.strip().splitlines() or [""])[-1]
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", summary)}
+    total = result["total"]
     return {
         "command": "cd <tree> && VLLM_TARGET_DEVICE=cpu TRITON_INTERPRET=1 "
-        f"PYTHONPATH=$PWD python -m pytest -q {' '.join(tests)}",
-        "verdict": "GREEN" if proc.returncode == 0 else f"RED (pytest exit {proc.returncode})",
-        "counts": counts,
-        "summary": summary,
+        "PYTHONPATH=$PWD python -m pytest -q "
+        + " ".join(c for c in result["command"][1:] if c.startswith("tests")),
+        "verdict": result["verdict"],
+        "counts": {k: total.get(k, 0) for k in ("passed", "failed", "error", "skipped", "xfailed")},
+        "duration_s": result["duration_s"],
+        "not_run": total.get("not_run", []),
     }
 
 

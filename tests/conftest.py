@@ -6,6 +6,7 @@ import json
 import threading
 
 import pytest
+from fake_vllm import make_fake
 from release_fixtures import RELEASE_FILES, VERSION, Project, make_patch, moe_with
 
 from moepatch import logger
@@ -91,3 +92,9 @@ def served_index(project, monkeypatch):
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
     yield _Index
     server.shutdown()
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A fake built vLLM tree and its patches/ (fake_vllm.py)."""
+    return make_fake(tmp_path)

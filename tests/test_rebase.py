@@ -20,9 +20,10 @@ from release_fixtures import (
     snapshot,
 )
 
-from moepatch import cli, gitutil, index, rebase
+from moepatch import cli, gitutil, index, rebase, rebase_state
 from moepatch.errors import NetworkError
 from moepatch.pin import load_pin
+from moepatch.release import pin_for_version, version_of_tarball
 from moepatch.series import read_series
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +74,7 @@ def test_clean_rebase_writes_pin_patches_and_range_diff(project, tmp_path, capsy
     assert "range-diff" in out
     assert out.count(" = ") >= 3  # range-diff: each commit unchanged
     work = project / "build/rebase"
-    assert not rebase.load_state(work) or rebase.load_state(work).phase == "done"
+    assert not rebase_state.load_state(work) or rebase_state.load_state(work).phase == "done"
 
 
 def test_default_relative_work_directory(project, tmp_path, monkeypatch, capsys):
@@ -119,7 +120,7 @@ def test_conflict_stops_with_files_and_next_steps(project, tmp_path, capsys):
     assert "vllm/gate.py" in err and "conflict hunk" in err
     assert "--continue" in err and "--skip" in err and "--abort" in err
     assert snapshot(project) == before  # nothing written yet
-    state = rebase.load_state(project / "build/rebase")
+    state = rebase_state.load_state(project / "build/rebase")
     assert state.phase == "conflict" and state.current == "gate-scale.patch"
 
 
@@ -198,7 +199,7 @@ def test_upstreamed_is_reported_and_dropped_on_request(project, tmp_path, capsys
     err = capsys.readouterr().err
     assert "already contains step-twelve.patch (upstreamed)" in err
     assert "--drop step-twelve.patch" in err
-    state = rebase.load_state(project / "build/rebase")
+    state = rebase_state.load_state(project / "build/rebase")
     assert state.phase == "decide"
     assert run(project, tarball, "--continue") == 7  # still undecided
     capsys.readouterr()
@@ -246,7 +247,7 @@ def test_interrupted_mid_way_then_rerun(project, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rebase, "apply_mbox", killed_after_am)
     assert run(project, tarball, "--to", str(new)) == 130
-    state = rebase.load_state(project / "build/rebase")
+    state = rebase_state.load_state(project / "build/rebase")
     assert [e.status for e in state.entries] == ["3-way", None, None]
     # a different target while one is in progress is refused
     assert run(project, tarball, "--to", str(tarball)) == 1
@@ -267,7 +268,7 @@ def test_version_from_index_listing(project, tmp_path, capsys, monkeypatch):
     assert run(project, tarball, "--to", "1.4.0") == 0
     pin = load_pin(project / "vllm.pin")
     assert (pin.version, pin.sdist_sha256) == ("1.4.0", sha256(new))
-    assert pin.commit == rebase.version_of_tarball(new)[1][1:]
+    assert pin.commit == version_of_tarball(new)[1][1:]
 
 
 def test_version_hash_mismatch_on_index_is_refused(project, tmp_path, capsys, monkeypatch):
@@ -310,7 +311,7 @@ def test_real_series_rebases_from_0_33_to_0_32(tmp_path, monkeypatch, capsys):
     if not names:
         pytest.skip("patches/series is empty")
     try:
-        pin32 = rebase.pin_for_version("0.32.0", load_pin(REPO / "vllm.pin"))
+        pin32 = pin_for_version("0.32.0", load_pin(REPO / "vllm.pin"))
     except NetworkError as e:
         pytest.skip(f"package index unreachable: {e}")
     assert pin32.sdist_sha256 == (
@@ -323,7 +324,7 @@ def test_real_series_rebases_from_0_33_to_0_32(tmp_path, monkeypatch, capsys):
     argv = project_argv("rebase", project, source="sdist", work=work)
     code = cli.main([*argv, "--to", "0.32.0", "--json"])
     out = capsys.readouterr()
-    state = rebase.load_state(work)
+    state = rebase_state.load_state(work)
     if code != 0:
         # a genuine cross-release conflict: the stop must be well formed
         assert code == 7, out.err
