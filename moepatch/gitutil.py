@@ -68,10 +68,12 @@ def run(
     env: dict[str, str] | None = None,
     check: bool = True,
     strip: bool = True,
-) -> tuple[int, str, str]:
+    raw: bool = False,
+) -> tuple[int, str | bytes, str]:
     """Run `git <args>` in cwd; return (status, stdout, stderr).
 
-    With check=True a non-zero status raises git.GitCommandError.
+    With check=True a non-zero status raises git.GitCommandError; with raw=True
+    stdout is the undecoded bytes (file contents).
     """
     command = ["git", "--no-pager", *_options(), *args]
     logger.debug("git %s  (in %s)", " ".join(args), cwd)
@@ -82,12 +84,18 @@ def run(
         with_extended_output=True,
         with_exceptions=check,
         strip_newline_in_stdout=strip,
+        stdout_as_string=not raw,
     )
     return status, out, err
 
 
 def out(cwd: Path, *args: str, **kwargs) -> str:
     return run(cwd, *args, **kwargs)[1]
+
+
+def blob(cwd: Path, sha: str) -> bytes:
+    """The exact bytes of one blob."""
+    return run(cwd, "cat-file", "blob", sha, strip=False, raw=True)[1]
 
 
 def rev(cwd: Path, name: str) -> str | None:
