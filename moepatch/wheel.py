@@ -1,9 +1,8 @@
 """`apply.py wheel`: an installable patched vLLM, made from the release wheel.
 
 The series changes only Python and Triton code and the release wheel already
-holds every compiled op, so the patched vLLM is that wheel with the files that
-`vllm-base..patched` changes under `vllm/` added, replaced or deleted. Nothing
-is compiled and the dependencies stay the release's.
+holds every compiled op, so the patched vLLM is that wheel with the series'
+files laid over it (WHEEL_DOC says how).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import io
 import json
 import os
 import re
-import stat
-import struct
 import time
 import zipfile
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from .index import sha256_file
 from .pin import Pin, load_pin
 from .precompiled import PrecompiledError, fetch_wheel, wheel_sha256
 from .series import Patch, read_series
+from .zipwrite import ZipWriter
 
 PACKAGE = "vllm"
 LABEL = "moe"  # the local version label: <release>+moe.<digest>
@@ -45,17 +43,8 @@ VERSION_FILE = f"{PACKAGE}/_version.py"
 #: What the release wheel cannot carry a change to: compiled sources, the build
 #: and the dependencies (METADATA keeps the release's).
 BUILD_INPUTS = (
-    "csrc/*",
-    "cmake/*",
-    "rust/*",
-    "requirements/*",
-    "*CMakeLists.txt",
-    "*.cmake",
-    "setup.py",
-    "setup.cfg",
-    "pyproject.toml",
-    "rust-toolchain.toml",
-    "tools/build_rust.py",
+    *("csrc/*", "cmake/*", "rust/*", "requirements/*", "*CMakeLists.txt", "*.cmake"),
+    *("setup.py", "setup.cfg", "pyproject.toml", "rust-toolchain.toml", "tools/build_rust.py"),
     *(f"*.{ext}" for ext in ("c", "cc", "cpp", "cu", "cuh", "h", "hpp", "rs")),
 )
 
@@ -144,7 +133,13 @@ def refuse_build_inputs(target: Path, applied: list[dict]) -> None:
     """Stop at the first patch that changes compiled sources, the build or dependencies."""
     for entry in applied:
         changed = gitutil.out(
-            target, "diff-tree", "-r", "--no-commit-id", "--name-only", entry["commit"]
+            target,
+            "diff-tree",
+            "-r",
+            "--no-commit-id",
+            "--no-renames",
+            "--name-only",
+            entry["commit"],
         )
         for path in changed.splitlines():
             if any(fnmatch.fnmatch(path, pattern) for pattern in BUILD_INPUTS):
@@ -174,72 +169,6 @@ def read_overlay(target: Path) -> Overlay:
         else:
             raise ToolError(f"{path}: the series makes it a link or submodule; a wheel cannot")
     return Overlay(files, frozenset(modified), frozenset(deleted), tuple(outside))
-
-
-# --------------------------------------------------------------------------
-# the zip: raw copies, fixed timestamps, written here so nothing recompresses
-# --------------------------------------------------------------------------
-
-_DOS_DATE = (1 << 5) | 1  # 1980-01-01, the zip epoch; time 00:00:00
-_LOCAL = struct.Struct("<4sHHHHHIIIHH")
-_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
-_END = struct.Struct("<4sHHHHIIH")
-_LIMIT = 0xFFFFFFFF  # beyond this a zip needs ZIP64, which this writer leaves out
-
-
-class _ZipWriter:
-    """A zip writer whose members are either new bytes (stored) or raw copies."""
-
-    def __init__(self, out) -> None:
-        self.out = out
-        self.central: list[bytes] = []
-
-    def _header(self, name: str, method: int, flags: int, crc: int, size: int, usize: int, mode):
-        encoded = name.encode("utf-8")
-        flags |= 0x800 if not name.isascii() else 0  # UTF-8 name
-        offset = self.out.tell()
-        if max(offset, size, usize) > _LIMIT or len(self.central) >= 0xFFFF:
-            raise PrecompiledError("the wheel would need ZIP64, which this tool does not write")
-        fixed = (20, flags, method, 0, _DOS_DATE, crc, size, usize, len(encoded))
-        self.out.write(_LOCAL.pack(b"PK\x03\x04", *fixed, 0) + encoded)
-        attr = (stat.S_IFREG | (mode & 0o777 or 0o644)) << 16
-        made_by = (3 << 8) | 20  # Unix, zip 2.0
-        central = _CENTRAL.pack(b"PK\x01\x02", made_by, *fixed, 0, 0, 0, 0, attr, offset)
-        self.central.append(central + encoded)
-
-    def add(self, name: str, data: bytes, mode: int) -> None:
-        self._header(name, zipfile.ZIP_STORED, 0, zipfile.crc32(data), len(data), len(data), mode)
-        self.out.write(data)
-
-    def copy(self, src, info: zipfile.ZipInfo, name: str) -> None:
-        """Copy `info`'s compressed bytes from the open archive `src`, unchanged."""
-        if info.flag_bits & 0x1:
-            raise PrecompiledError(f"{info.filename}: encrypted zip member")
-        src.seek(info.header_offset)
-        local = src.read(_LOCAL.size)
-        if local[:4] != b"PK\x03\x04":
-            raise PrecompiledError(f"{info.filename}: bad local header in the release wheel")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        src.seek(info.header_offset + _LOCAL.size + name_len + extra_len)
-        flags = info.flag_bits & 0x6  # the deflate level bits; sizes are in the header
-        mode = info.external_attr >> 16
-        self._header(
-            name, info.compress_type, flags, info.CRC, info.compress_size, info.file_size, mode
-        )
-        left = info.compress_size
-        while left:
-            chunk = src.read(min(left, 1 << 20))
-            if not chunk:
-                raise PrecompiledError(f"{info.filename}: the release wheel is truncated")
-            self.out.write(chunk)
-            left -= len(chunk)
-
-    def close(self) -> None:
-        start = self.out.tell()
-        for entry in self.central:
-            self.out.write(entry)
-        size, count = self.out.tell() - start, len(self.central)
-        self.out.write(_END.pack(b"PK\x05\x06", 0, 0, count, count, size, start, 0))
 
 
 # --------------------------------------------------------------------------
@@ -288,11 +217,11 @@ def _release_parts(zf: zipfile.ZipFile) -> tuple[str, dict[str, tuple[str, str]]
     return dist_info, {row[0]: (row[1], row[2]) for row in csv.reader(io.StringIO(text)) if row}
 
 
-def marker(pin: Pin, release: Path, version: str, digest: str, state, patches) -> bytes:
+def marker(pin: Pin, release: Path, version: str, state, patches: list[Patch]) -> bytes:
     """vllm/_moepatch.json: what this wheel is (no time, no host: bytes repeat)."""
     info = {
         "version": version,
-        "series_digest": digest,
+        "series_digest": state.fingerprint,
         "pin": dataclasses.asdict(pin),
         "release_wheel": {"filename": release.name, "sha256": wheel_sha256(release)},
         "tree": {"base": state.base, "patched": state.head},
@@ -350,14 +279,16 @@ def write_wheel(release: Path, overlay: Overlay, version: str, extra: dict, out:
         part = out / f".{dest.name}.part-{os.getpid()}"
         try:
             with open(part, "wb") as f:
-                _write_members(_ZipWriter(f), src, members, modes, record, new_info)
+                _write_members(ZipWriter(f), src, members, modes, record, new_info)
             os.replace(part, dest)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+            raise PrecompiledError(f"{release.name}: {e}") from None
         finally:
             part.unlink(missing_ok=True)
     return dest
 
 
-def _write_members(writer: _ZipWriter, src, members: dict, modes: dict, record, dist_info) -> None:
+def _write_members(writer: ZipWriter, src, members: dict, modes: dict, record, dist_info) -> None:
     """Every member in sorted order, .dist-info last, and RECORD (hashes, sizes) at the end."""
     rows = []
     for path in sorted(members, key=lambda p: (p.startswith(dist_info + "/"), p)):
@@ -393,11 +324,8 @@ def build_wheel(
 ) -> Built:
     """The patched wheel of the built tree `target`, written into `out`."""
     start = time.monotonic()
-    pin, pin_text, patches = (
-        load_pin(pin_path),
-        Path(pin_path).read_bytes(),
-        read_series(patches_dir),
-    )
+    pin, patches = load_pin(pin_path), read_series(patches_dir)
+    pin_text = Path(pin_path).read_bytes()
     target = Path(target)
     if not target.is_dir():
         raise NoTreeError(f"{target}: no built tree (run `python apply.py` first)")
@@ -407,7 +335,7 @@ def build_wheel(
         overlay = read_overlay(target)
     wheel = fetch_wheel(pin.version, release)
     version = local_version(pin.version, state.fingerprint)
-    extra = {MARKER: marker(pin, wheel, version, state.fingerprint, state, patches)}
+    extra = {MARKER: marker(pin, wheel, version, state, patches)}
     path = write_wheel(wheel, overlay, version, extra, Path(out))
     return Built(path, version, overlay, time.monotonic() - start)
 
