@@ -53,10 +53,11 @@ Write an installable patched vLLM wheel: the release wheel plus the series.
 
 Takes the pinned release's wheel (from pip's configured index, sha256-checked
 and cached like the sdist; offline, the cached copy) and lays over it the files
-that `vllm-base..patched` of the built tree changes under vllm/: added,
-replaced, deleted. Compiled ops and dependencies stay the release's: a series
-that changes compiled sources or the build (csrc/, CMake, setup.py,
-pyproject.toml, requirements/, *.cu/*.cpp/*.h, Rust) is refused. The result:
+that `vllm-base..patched` of the built tree changes under vllm/ (as committed:
+uncommitted edits in the tree are not taken): added, replaced, deleted.
+Compiled ops and dependencies stay the release's: a series that changes
+compiled sources or the build (csrc/, CMake, setup.py, pyproject.toml,
+requirements/, *.cu/*.cpp/*.h, Rust) is refused. The result:
 
   OUT/vllm-<release>+moe.<digest>-<the release's tags>.whl
 

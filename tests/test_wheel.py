@@ -255,3 +255,16 @@ def test_local_version_is_normalized():
     # An all-digit label loses its leading zero, as pip writes the version.
     assert wheel.local_version("0.33.0", "012345678901" + "f" * 52) == "0.33.0+moe.12345678901"
     assert wheel.local_version("1.0", "a" * 64) == "1.0+moe.aaaaaaaaaaaa"
+
+
+def test_a_local_release_wheel_needs_no_index(project, series, tmp_path, monkeypatch, capsys):
+    release = make_release_wheel(tmp_path / "release")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    assert project.run("apply") == 0
+    assert run_wheel(project, tmp_path / "dist", "--wheel", str(release)) == 0
+    assert len(list((tmp_path / "dist").glob(f"vllm-{VERSION}+moe.*.whl"))) == 1
+    renamed = tmp_path / "vllm-9.9.8-cp38-abi3-manylinux_2_28_x86_64.whl"
+    renamed.write_bytes(release.read_bytes())
+    capsys.readouterr()
+    assert run_wheel(project, tmp_path / "other", "--wheel", str(renamed)) == 21
+    _one_line_error(capsys, "expected the release wheel")
