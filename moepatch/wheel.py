@@ -25,7 +25,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from . import gitutil
-from .build import BASE_TAG, BRANCH, fingerprint, locked, read_state
+from .build import BASE_TAG, BRANCH, fingerprint, read_state
 from .commands import DEFAULT_TARGET
 from .errors import DriftError, ToolError
 from .index import sha256_file
@@ -150,10 +150,10 @@ def refuse_build_inputs(target: Path, applied: list[dict]) -> None:
                 )
 
 
-def read_overlay(target: Path) -> Overlay:
-    """The files `vllm-base..patched` adds, changes or deletes, from git's objects."""
+def read_overlay(target: Path, base: str, head: str) -> Overlay:
+    """The files `base..head` adds, changes or deletes, from git's objects."""
     raw = gitutil.out(
-        target, "diff", "--raw", "-z", "--no-renames", "--no-abbrev", BASE_TAG, BRANCH, strip=False
+        target, "diff", "--raw", "-z", "--no-renames", "--no-abbrev", base, head, strip=False
     )
     fields = raw.split("\0")
     files, modified, deleted, outside = {}, set(), set(), []
@@ -330,10 +330,10 @@ def build_wheel(
     target = Path(target)
     if not target.is_dir():
         raise NoTreeError(f"{target}: no built tree (run `python apply.py` first)")
-    with locked(target):  # a concurrent build would move the branches under us
-        state = _checked_state(target, pin_text, patches)
-        refuse_build_inputs(target, state.applied)
-        overlay = read_overlay(target)
+    # Read by commit SHA, not branch: a build running meanwhile cannot change them.
+    state = _checked_state(target, pin_text, patches)
+    refuse_build_inputs(target, state.applied)
+    overlay = read_overlay(target, state.base, state.head)
     wheel = fetch_wheel(pin.version, release)
     version = local_version(pin.version, state.fingerprint)
     extra = {MARKER: marker(pin, wheel, version, state, patches)}
