@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import base64
 import csv
-import dataclasses
 import fnmatch
 import hashlib
 import io
@@ -19,7 +18,7 @@ import os
 import re
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
@@ -223,7 +222,7 @@ def marker(pin: Pin, release: Path, version: str, state, patches: list[Patch]) -
     info = {
         "version": version,
         "series_digest": state.fingerprint,
-        "pin": dataclasses.asdict(pin),
+        "pin": asdict(pin),
         "release_wheel": {"filename": release.name, "sha256": wheel_sha256(release)},
         "tree": {"base": state.base, "patched": state.head},
         "patches": [
