@@ -47,6 +47,7 @@ COMMANDS = {
     "rebase": ("moepatch.rebase_cli", "move the series to another vLLM release (3-way, resumable)"),
     "matrix": ("moepatch.matrix", "which patch applies to which release"),
     "upstream": ("moepatch.upstream", "one patch as an upstream PR: branch, tests, lint, PR text"),
+    "wheel": ("moepatch.wheel", "an installable patched vLLM wheel: release wheel + the series"),
 }
 
 

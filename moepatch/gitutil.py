@@ -69,11 +69,13 @@ def run(
     env: dict[str, str] | None = None,
     check: bool = True,
     strip: bool = True,
-) -> tuple[int, str, str]:
+    raw: bool = False,
+) -> tuple[int, str | bytes, str]:
     """Run `git <args>` in cwd; return (status, stdout, stderr).
 
     With check=True a non-zero status raises GitError: one line naming the
-    command and the repository, git's own output kept for -v.
+    command and the repository, git's own output kept for -v. With raw=True
+    stdout is the undecoded bytes (file contents).
     """
     command = ["git", "--no-pager", *_options(), *args]
     logger.debug("git %s  (in %s)", " ".join(args), cwd)
@@ -84,6 +86,7 @@ def run(
         with_extended_output=True,
         with_exceptions=False,
         strip_newline_in_stdout=strip,
+        stdout_as_string=not raw,
     )
     if check and status != 0:
         raise _one_line_error(cwd, args, status, err)
@@ -101,6 +104,11 @@ def _one_line_error(cwd: Path, args: tuple[str, ...], status: int, stderr: str) 
 
 def out(cwd: Path, *args: str, **kwargs) -> str:
     return run(cwd, *args, **kwargs)[1]
+
+
+def blob(cwd: Path, sha: str) -> bytes:
+    """The exact bytes of one blob."""
+    return run(cwd, "cat-file", "blob", sha, strip=False, raw=True)[1]
 
 
 def rev(cwd: Path, name: str) -> str | None:

@@ -177,6 +177,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cached_copy(filename: str, sha256: str | None = None) -> Path | None:
+    """A cached download of `filename` whose bytes still hash to its cache key.
+
+    With `sha256`, only that copy; without, the one copy the cache holds (a
+    download is keyed by the hash it was verified against), or None when there
+    are none or several.
+    """
+    root = cache_root() / "downloads"
+    if sha256:
+        candidates = [root / sha256.lower() / filename]
+    else:
+        candidates = sorted(root.glob(f"*/{filename}"))
+    found = [p for p in candidates if p.is_file() and sha256_file(p) == p.parent.name]
+    return found[0] if len(found) == 1 else None
+
+
 def fetch(f: IndexFile, expected_sha256: str | None = None) -> Path:
     """Download (or reuse from the cache) one file, verified by sha256.
 

@@ -19,7 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ToolError, VerifyError
+from . import logger
+from .errors import NetworkError, ToolError, VerifyError
 from .index import sha256_file
 
 #: The modules the fused-MoE kernel tests load (``torch.ops._C`` / ``_moe_C``).
@@ -69,6 +70,8 @@ def fetch_wheel(version: str, wheel: Path | None = None) -> Path:
 
     Returns:
         The path of the wheel (in the download cache unless ``wheel`` was given).
+        A cached copy is used without asking the index when its hash is known
+        here, or when the index cannot be reached.
     """
     name = wheel_filename(version)
     known = KNOWN_WHEEL_SHA256.get(name)
@@ -83,17 +86,30 @@ def fetch_wheel(version: str, wheel: Path | None = None) -> Path:
         return wheel
     from . import index  # network code only when needed
 
-    return index.fetch(index.find_file("vllm", name), expected_sha256=known)
+    hit = index.cached_copy(name, known) if known else None
+    if hit:
+        return hit
+    try:
+        return index.fetch(index.find_file("vllm", name), expected_sha256=known)
+    except NetworkError:
+        # Offline: the copy verified against the index when it was downloaded.
+        hit = index.cached_copy(name)
+        if hit is None:
+            raise
+        logger.info("package index unreachable; using the cached %s", hit)
+        return hit
 
 
 def _modules_cache(wheel: Path) -> Path:
     from .cache import cache_root
 
-    return cache_root() / "precompiled" / _sha256_cached(wheel)
+    return cache_root() / "precompiled" / wheel_sha256(wheel)
 
 
-def _sha256_cached(wheel: Path) -> str:
-    # Cached downloads live in downloads/<sha256>/<name>: reuse that key.
+def wheel_sha256(wheel: Path) -> str:
+    """The sha256 of a wheel that :func:`fetch_wheel` returned."""
+    # Cached downloads live in downloads/<sha256>/<name>, verified on the way
+    # in and on every hit: reuse that key.
     parent = wheel.parent.name
     if len(parent) == 64 and all(c in "0123456789abcdef" for c in parent):
         return parent

@@ -1,17 +1,21 @@
-"""The real series on the real vLLM release sdist from pip's configured index.
+"""The real series on the real vLLM release from pip's configured index.
 
-Slow-ish (one download of ~47 MB, cached in the user cache between runs) and
-needs the index: when it cannot be reached the tests skip and say why.
+Slow-ish (one download of the ~47 MB sdist and one of the ~336 MB wheel, both
+cached in the user cache between runs) and needs the index: when it cannot be
+reached the tests skip and say why.
 """
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from moepatch import gitutil
+from moepatch import gitutil, precompiled
 from moepatch.errors import NetworkError
 from moepatch.pin import load_pin
 from moepatch.series import read_series
@@ -110,3 +114,58 @@ def test_patched_tree_passes_its_cpu_tests(built, tmp_path):
     for patch in read_series(ROOT / "patches"):
         # Each patch's own tests ran here and passed (none is only skipped).
         assert rows[patch.name]["passed"] > 0, patch.name
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """tmp_path, removed afterwards: the wheel and its installed files take ~1.2 GB."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_patched_wheel_installs_with_the_series_and_the_label(built, scratch):
+    """`apply.py wheel` on the real release wheel: installed with --no-deps into a
+    fresh --target, `import vllm` runs the patched files and names the label."""
+    pin, _, target, _ = built
+    try:
+        precompiled.fetch_wheel(pin.version)  # cached after the first run
+    except NetworkError as e:
+        pytest.skip(f"package index unreachable: {e}")
+    out = scratch / "dist"
+    command = [sys.executable, str(ROOT / "apply.py"), "wheel", "--target", str(target)]
+    start = time.monotonic()
+    result = subprocess.run([*command, "--out", str(out), "--json"], capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert seconds < 60, f"apply.py wheel took {seconds:.0f} s"
+    built_wheel = json.loads(result.stdout)
+    state = json.loads((target / ".git/moepatch/state.json").read_text())
+    version = f"{pin.version}+moe.{state['fingerprint'][:12]}"
+    assert built_wheel["version"] == version
+
+    site = scratch / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile"]
+    installed = subprocess.run(
+        [*pip, "--target", str(site), built_wheel["wheel"]], capture_output=True, text=True
+    )
+    assert installed.returncode == 0, installed.stderr
+    # Every file the series changes in the package is installed as the tree has it.
+    changed = gitutil.out(target, "diff", "--name-only", "vllm-base", "patched", "--", "vllm")
+    for path in changed.splitlines():
+        assert (site / path).read_bytes() == gitutil.blob(target, f"patched:{path}"), path
+    probe = (
+        "import importlib.metadata as md, inspect, json, vllm\n"
+        "from vllm.model_executor.layers.fused_moe import modular_kernel, shared_expert_gate\n"
+        "print(json.dumps([vllm.__version__, md.version('vllm'), vllm.__file__,"
+        " shared_expert_gate.__file__,"
+        " hasattr(modular_kernel.FusedMoEExpertsModular, 'accepts_output_alias')]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "VLLM_TARGET_DEVICE": "cpu"}
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=scratch, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr[-4000:]
+    label, metadata_version, init, gate, opt_in = json.loads(shown.stdout.splitlines()[-1])
+    assert label == metadata_version == version
+    assert Path(init).is_relative_to(site) and Path(gate).is_relative_to(site)
+    assert opt_in  # moe-output-alias's FusedMoEExpertsModular.accepts_output_alias
