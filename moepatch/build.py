@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import gitutil, logger, ownership, testseam
 from .errors import ConflictError, TargetError
-from .export import render
+from .export import names_by_subject, render
 from .layout import BACKUP_REFS, BASE_TAG, BRANCH, FAILED_BRANCH, FILENAME_TRAILER, WIP_BRANCH
 from .pin import Pin
 from .series import Patch, message_of
@@ -156,7 +156,9 @@ def _save_local_work(target: Path, state: State | None) -> list[str]:
 
 def _exported(target: Path, patches: list[Patch]) -> bool:
     """True when the commits on HEAD are exactly the series (e.g. after export)."""
-    rendered = render(target, f"{BASE_TAG}..HEAD")
+    # Named as export names them: a commit re-applied by hand from a patch file
+    # has no Patch-Filename trailer and keeps its file's name by its subject.
+    rendered = render(target, f"{BASE_TAG}..HEAD", names_by_subject(patches))
     return rendered == [(p.name, p.data) for p in patches]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import gitutil, logger, testseam
 from .errors import DriftError, SeriesError, ToolError
 from .layout import BASE_TAG, FILENAME_TRAILER
-from .series import mail_subject, parse_patch
+from .series import Patch, mail_subject, parse_patch
 
 FORMAT_PATCH = (
     "format-patch",
@@ -74,13 +74,18 @@ def render(
 
 def known_names(patches_dir: Path) -> dict[str, str]:
     """Subject -> file name of the patch files now in patches/."""
-    known = {}
+    parsed = []
     for path in sorted(Path(patches_dir).glob("*.patch")):
         try:
-            known[_untagged(parse_patch(path.name, path).subject)] = path.name
+            parsed.append(parse_patch(path.name, path))
         except SeriesError:
             continue
-    return known
+    return names_by_subject(parsed)
+
+
+def names_by_subject(patches: list[Patch]) -> dict[str, str]:
+    """Subject -> file name of these patches (what `render` calls `known`)."""
+    return {_untagged(p.subject): p.name for p in patches}
 
 
 def series_text(old: str | None, names: list[str]) -> str:

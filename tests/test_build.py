@@ -130,6 +130,29 @@ def test_fixing_a_failed_patch_as_the_hint_says(project, two_patches, capsys):
     assert project.run("export", "--check") == 0
 
 
+def test_a_patch_reapplied_by_hand_then_exported_is_taken_back(project, two_patches):
+    """A patch file re-applied with `git am` has no Patch-Filename trailer;
+    export keeps its file name by its subject, and so must the next apply."""
+    project.set_series(two_patches)
+    assert project.run() == 0
+    gitutil.run(project.target, "reset", "-q", "--hard", "HEAD~1")
+    gitutil.run(
+        project.target,
+        "am",
+        "-q",
+        "-k",
+        str(project.patches / "double-gate.patch"),
+        env=gitutil.env_for(("Me", "me@x")),
+    )
+    assert project.run("export") == 0
+    assert sorted(p.name for p in project.patches.glob("*.patch")) == [
+        "double-gate.patch",
+        "line-ten.patch",
+    ]
+    assert project.run() == 0
+    assert subjects(project) == ["[MoE] Change line ten", "[Model] Double the gate"]
+
+
 def subjects_on(project, ref):
     return project.git("log", "--format=%s", f"vllm-base..{ref}").splitlines()[::-1]
 
