@@ -124,10 +124,9 @@ def make_cpu_standin_experts_cls():
     )
 
     class CpuStandInExperts(mk.FusedMoEExpertsModular):
-        @classmethod
-        def accepts_output_alias(cls) -> bool:
+        def accepts_output_alias(self) -> bool:
             hook = getattr(TritonExperts, "accepts_output_alias", None)
-            return True if hook is None else hook()
+            return True if hook is None else hook(self)
 
         @staticmethod
         def activation_format():
