@@ -305,9 +305,10 @@ class Driver:
 
         a = self.args
         jobs = []
-        for model in a.models.split(","):
+        for item in a.models.split(","):
+            model, _, count = item.partition(":")
             for mode in a.modes.split(","):
-                procs = a.procs if mode == "graph" else a.eager_procs
+                procs = int(count or a.procs) if mode == "graph" else a.eager_procs
                 jobs += [(model, mode, i, tree) for i, tree in enumerate(abba(procs))]
         for seq, (model, mode, i, tree) in enumerate(jobs):
             need = self.durations.get((model, mode), a.first_estimate)
@@ -415,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("device", help="on the GPU machine: run both trees, write e2e-raw.json")
     d.add_argument("--bundle", required=True, help="ci/device_bundle.py output folder")
     d.add_argument("--out", required=True, help="folder for e2e-raw.json and e2e-log.txt")
-    d.add_argument("--models", default="", help=f"models to time, comma list of {','.join(MODELS)}")
+    d.add_argument(
+        "--models",
+        default="",
+        help=f"models to time, comma list of {','.join(MODELS)}; MODEL:N: N processes per tree",
+    )
     d.add_argument(
         "--modes", default="graph", help="graph (full decode CUDA graphs), eager, or both"
     )
