@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import random
 import subprocess
@@ -257,7 +258,12 @@ class Driver:
         self.trees = {"base": base, "patched": patched}
         self.raw = {
             "kind": "bench_e2e",
-            "manifest": {k: manifest.get(k) for k in ("pin", "series", "revisions", "created")},
+            "bundle": {
+                "created": manifest.get("created"),
+                "version": manifest.get("version"),
+                "base_rev": manifest.get("trees", {}).get("base_rev"),
+                "head_rev": manifest.get("trees", {}).get("head_rev"),
+            },
             "versions": versions(),
             "decode_tokens": DECODE_TOKENS,
             "prompt_len": PROMPT_LEN,
@@ -379,8 +385,13 @@ def device_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_raw(path: Path) -> str:
+    """A raw file as written on the device, or xz-compressed as committed."""
+    return lzma.open(path, "rt").read() if path.suffix == ".xz" else path.read_text()
+
+
 def report_main(args: argparse.Namespace) -> int:
-    raws = [json.loads(Path(p).read_text()) for p in args.raw]
+    raws = [json.loads(read_raw(Path(p))) for p in args.raw]
     records = [r for raw in raws for r in raw["records"]]
     checks = [c for raw in raws for c in raw["checks"]]
     rows = e2e_report.summarize(records)
@@ -393,8 +404,7 @@ def report_main(args: argparse.Namespace) -> int:
     if args.json:
         summary = {
             "runs": [
-                {k: raw.get(k) for k in ("manifest", "versions", "wall_s", "skipped")}
-                for raw in raws
+                {k: raw.get(k) for k in ("bundle", "versions", "wall_s", "skipped")} for raw in raws
             ],
             "rows": rows,
             "checks": [

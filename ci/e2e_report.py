@@ -139,6 +139,13 @@ def check_table(checks: list[dict]) -> str:
         if c.get("error"):
             lines.append(f"| {c['model']} | – | – | – | – | – | error: {c['error']} |")
             continue
+        if "ref_error" not in c:  # the first device run's format: no fp32 reference
+            same = "identical" if c["tokens_identical"] else f"no (first at {c['first_diff']})"
+            lines.append(
+                f"| {c['model']} | {c.get('layers', '–')} | {same} "
+                f"| {c['max_logprob_diff']:.4f} | – | – | not judged (no fp32 reference) |"
+            )
+            continue
         if c["tokens_identical"]:
             same = "identical"
         else:

@@ -147,8 +147,10 @@ def test_judge_compares_patched_with_base_against_the_reference():
     assert not worse["passed"]
     err = e2e_report.judge("a2.7b", ref, {"base": {"error": "boom"}, "patched": {}}, 0.1, 1.25)
     assert err == {"model": "a2.7b", "error": "base: boom"}
-    table = e2e_report.check_table([ok, worse, err])
+    first_format = {"model": "a2.7b", "tokens_identical": True, "max_logprob_diff": 0.0}
+    table = e2e_report.check_table([ok, worse, err, first_format])
     assert "| pass |" in table and "| FAIL |" in table and "error: base: boom" in table
+    assert "not judged (no fp32 reference)" in table
 
 
 def test_report_writes_markdown_json_and_plot(tmp_path):
@@ -157,7 +159,7 @@ def test_report_writes_markdown_json_and_plot(tmp_path):
             record(t, b1=[1.0 + i / 100], b8=[2.0]) for i, t in enumerate(bench_e2e.abba(2))
         ],
         "checks": [],
-        "manifest": {"series": "x"},
+        "bundle": {"head_rev": "x"},
         "versions": {"device": "test"},
     }
     path = tmp_path / "raw.json"
