@@ -158,12 +158,36 @@ def child_time(args: argparse.Namespace) -> dict:
         for _ in range(3):  # the first calls of a new shape run slow
             timed(ps, 1)
         prefill[f"{b}x{n}"] = [timed(ps, 1) for _ in range(args.prefill_reps)]
-    return {
+    result = {
         "vllm_file": vllm.__file__,
         "start_s": started,
         "decode_ms": decode,
         "prefill_ms": prefill,
     }
+    if args.profile:
+        b, n = PREFILLS[0]
+        result["profile"] = profile_step(lambda: timed(prompts(b, n, SEED + 7 * b), 1))
+        result["profile"]["step"] = f"prefill {b}x{n}"
+    return result
+
+
+def profile_step(step) -> dict:
+    """GPU time per kernel name over one call of ``step`` (already warm), and
+    its wall time: where a step's time goes, kernel by kernel, and how much of
+    it no kernel accounts for (host time, launch gaps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall_ms = step()
+    kernels = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "self_device_time_total", 0)
+        if us > 0:
+            kernels[evt.key] = {"count": evt.count, "us": us}
+    return {"wall_ms": wall_ms, "kernels": kernels}
 
 
 def child_check(args: argparse.Namespace) -> dict:
@@ -329,6 +353,7 @@ class Driver:
             cmd = ["child", "--tree", tree, "--model", model, "--mode", mode]
             cmd += ["--model-dir", str(mdir), "--batches", batches, "--json", str(res)]
             cmd += ["--reps", str(a.reps), "--prefill-reps", str(a.prefill_reps)]
+            cmd += ["--profile"] if a.profile else []
             t = time.monotonic()
             rec = self.wait(self.spawn(tree, cmd), res)
             took = time.monotonic() - t
@@ -396,6 +421,8 @@ def report_main(args: argparse.Namespace) -> int:
     checks = [c for raw in raws for c in raw["checks"]]
     rows = e2e_report.summarize(records)
     text = e2e_report.table(rows)
+    if any("profile" in r for r in records):
+        text += "\n" + e2e_report.profile_table(records)
     if checks:
         text += "\n" + e2e_report.check_table(checks)
     print(text)
@@ -442,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--eager-batches", default="1,8,32", help="decode batches in eager mode")
     d.add_argument("--reps", type=int, default=3, help="repetitions per decode batch")
     d.add_argument("--prefill-reps", type=int, default=7, help="repetitions per prefill shape")
+    d.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one 1 x 2,048 prefill per process: GPU time per kernel",
+    )
     d.add_argument("--check", default="", help="models for the correctness check, comma list")
     d.add_argument("--check-parallel", type=int, default=2, help="1: one tree at a time")
     d.add_argument(
@@ -461,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batches", default="1")
     c.add_argument("--reps", type=int, default=3)
     c.add_argument("--prefill-reps", type=int, default=5)
+    c.add_argument("--profile", action="store_true")
     c.add_argument("--check", action="store_true")
     c.add_argument("--ref", help="the fp32 reference (--check)")
     c.add_argument("--json", required=True)

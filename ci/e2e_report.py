@@ -47,6 +47,46 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def profile_table(records: list[dict], top: int = 15) -> str:
+    """Where a profiled step's time goes, per model and mode: each kernel's
+    GPU time (median over a tree's processes), base against patched, the
+    kernels that differ most first; then the kernels' sum against the wall."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        if "profile" in rec and not rec.get("error"):
+            groups[(rec["model"], rec["mode"], rec["profile"].get("step", ""))][rec["tree"]].append(
+                rec["profile"]
+            )
+    out = []
+    for (model, mode, step), trees in sorted(groups.items()):
+        med: dict[str, dict[str, float]] = {}
+        for tree, profiles in trees.items():
+            names = {k for p in profiles for k in p["kernels"]}
+            med[tree] = {
+                k: statistics.median(p["kernels"].get(k, {}).get("us", 0.0) for p in profiles)
+                for k in names
+            }
+            med[tree]["(all kernels)"] = statistics.median(
+                sum(k["us"] for k in p["kernels"].values()) for p in profiles
+            )
+            med[tree]["(wall)"] = statistics.median(1000 * p["wall_ms"] for p in profiles)
+        base, patched = med.get("base", {}), med.get("patched", {})
+        totals = ["(all kernels)", "(wall)"]
+        names = totals + sorted(
+            (set(base) | set(patched)) - set(totals),
+            key=lambda k: (-abs(patched.get(k, 0) - base.get(k, 0)), k),
+        )
+        out.append(
+            f"{model} {mode}, {step}: GPU µs per kernel, median over processes\n\n"
+            "| kernel | base µs | patched µs | patched − base |\n|---|---:|---:|---:|"
+        )
+        for k in names[: top + 2]:
+            b, p = base.get(k, 0.0), patched.get(k, 0.0)
+            out.append(f"| `{k[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _spread(values: list[float]) -> float | None:
     """(max - min) / median over processes; None with fewer than two."""
     if len(values) < 2:

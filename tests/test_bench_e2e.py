@@ -226,3 +226,25 @@ def test_checkpoint_has_per_expert_weights_and_a_consistent_reference(tmp_path, 
     for lps in ref["ref_logprobs"]:
         assert all(math.log(1 / 256) - 1e-4 <= lp <= 0 for lp in lps)
     assert json.loads((tmp_path / "moepatch-checkpoint.json").read_text())["layers"] == 2
+
+
+def test_profile_table_orders_kernels_by_difference_and_keeps_the_totals():
+    def prof(tree, gate_us, wall_ms):
+        kernels = {
+            "fused_moe_kernel": {"count": 48, "us": 900.0},
+            "gate": {"count": 24, "us": gate_us},
+        }
+        return {
+            **record(tree),
+            "profile": {"step": "prefill 1x2048", "wall_ms": wall_ms, "kernels": kernels},
+        }
+
+    records = [prof("base", 10.0, 30.0), prof("base", 14.0, 34.0), prof("patched", 500.0, 50.0)]
+    table = e2e_report.profile_table(records)
+    lines = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    # the totals first, then the kernel that differs most
+    assert lines[0].startswith("| `(all kernels)` | 912.0 | 1400.0 | +488.0 |")
+    assert lines[1].startswith("| `(wall)` | 32000.0 | 50000.0 | +18000.0 |")
+    assert lines[2] == "| `gate` | 12.0 | 500.0 | +488.0 |"
+    assert lines[3] == "| `fused_moe_kernel` | 900.0 | 900.0 | +0.0 |"
+    assert "a2.7b graph, prefill 1x2048" in table
