@@ -12,7 +12,10 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 * decode ms per output token at each batch: (time of a 1+T-token generation
   minus a 1-token one) / T, T = 128, prompts of 32 tokens;
 * prefill ms of 1 x 2,048 and 4 x 2,048 prompt tokens (one engine step);
-* ``--modes eager`` adds the same without CUDA graphs, where host cost shows.
+* ``--modes eager`` adds the same without CUDA graphs, where host cost shows;
+* ``--profile``: GPU time per kernel of one 1 x 2,048 prefill per process;
+* ``--tp N``: every engine at tensor parallel N (written for two-GPU runs; not
+  yet run on more than one GPU).
 
 Correctness (``--check``): a small real checkpoint per model
 (``e2e_models.make_checkpoint``), loaded through vLLM's normal loader on both
@@ -61,6 +64,10 @@ ENGINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # NVLink multicast stays off on the lent multi-GPU machines.
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
 }
 
 
@@ -94,7 +101,7 @@ def check_prompts() -> list[list[int]]:
 # ==========================================================================
 
 
-def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], **kw):
+def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], tp: int, **kw):
     from vllm import LLM
 
     compilation = {"mode": 0}
@@ -109,6 +116,7 @@ def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], **kw):
         enforce_eager=eager,
         compilation_config=compilation,
         seed=0,
+        tensor_parallel_size=tp,
         **MODELS[model].get("engine_args", {}),
         **kw,
     )
@@ -125,6 +133,7 @@ def child_time(args: argparse.Namespace) -> dict:
         args.model,
         args.mode == "eager",
         sorted(set(batches)),
+        args.tp,
         load_format="dummy",
         max_num_seqs=max(batches + [b for b, _ in PREFILLS]),
         max_model_len=4096,
@@ -198,6 +207,7 @@ def child_check(args: argparse.Namespace) -> dict:
         args.model,
         False,
         [1, 2, 4, 8, 16],
+        args.tp,
         load_format="auto",
         max_num_seqs=16,
         max_model_len=2048,
@@ -354,11 +364,13 @@ class Driver:
             cmd += ["--model-dir", str(mdir), "--batches", batches, "--json", str(res)]
             cmd += ["--reps", str(a.reps), "--prefill-reps", str(a.prefill_reps)]
             cmd += ["--profile"] if a.profile else []
+            cmd += ["--tp", str(a.tp)]
             t = time.monotonic()
             rec = self.wait(self.spawn(tree, cmd), res)
             took = time.monotonic() - t
             self.durations[(model, mode)] = max(self.durations.get((model, mode), 0), took)
-            rec |= {"model": model, "mode": mode, "tree": tree, "seq": seq, "wall_s": took}
+            label = mode if a.tp == 1 else f"{mode} tp{a.tp}"
+            rec |= {"model": model, "mode": label, "tree": tree, "seq": seq, "wall_s": took}
             self.raw["records"].append(rec)
             self.save()
             log(f"{model} {mode} {tree} #{i}: {took:.0f} s {rec.get('error', '')}")
@@ -383,11 +395,13 @@ class Driver:
                 res = self.work / f"check-{model}-{tree}.json"
                 cmd = ["child", "--check", "--tree", tree, "--model", model]
                 cmd += ["--model-dir", str(ckpt), "--json", str(res), "--ref", str(ref_path)]
+                cmd += ["--tp", str(self.args.tp)]
                 procs[tree] = (self.spawn(tree, cmd), res)
                 if self.args.check_parallel < 2:
                     procs[tree] = self.wait(*procs[tree])
             outs = {t: p if isinstance(p, dict) else self.wait(*p) for t, p in procs.items()}
-            verdict = e2e_report.judge(model, ref, outs, self.args.tie, self.args.slack)
+            label = model if self.args.tp == 1 else f"{model} tp{self.args.tp}"
+            verdict = e2e_report.judge(label, ref, outs, self.args.tie, self.args.slack)
             self.raw["checks"].append(verdict | {"ref": ref, "outputs": outs})
             self.save()
             log(f"check {model}: passed={verdict.get('passed')} {verdict.get('error', '')}")
@@ -474,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also profile one 1 x 2,048 prefill per process: GPU time per kernel",
     )
+    d.add_argument(
+        "--tp", type=int, default=1, help="tensor parallel size of every engine (default 1)"
+    )
     d.add_argument("--check", default="", help="models for the correctness check, comma list")
     d.add_argument("--check-parallel", type=int, default=2, help="1: one tree at a time")
     d.add_argument(
@@ -494,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--reps", type=int, default=3)
     c.add_argument("--prefill-reps", type=int, default=5)
     c.add_argument("--profile", action="store_true")
+    c.add_argument("--tp", type=int, default=1)
     c.add_argument("--check", action="store_true")
     c.add_argument("--ref", help="the fp32 reference (--check)")
     c.add_argument("--json", required=True)
