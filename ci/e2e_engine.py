@@ -1,0 +1,216 @@
+"""The engine side of ``ci/bench_e2e.py``: one ``vllm.LLM`` process on one tree.
+
+``bench_e2e.py child`` runs these with the tree's ``vllm`` on ``sys.path``:
+``child_time`` measures decode and prefill on dummy weights, ``child_check``
+generates greedy tokens with logprobs on a real checkpoint and scores the fp32
+reference's continuation teacher-forced, ``profile_step`` gives one step's GPU
+time per kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from e2e_models import MODELS
+
+PREFILLS = ((1, 2048), (4, 2048))
+DECODE_TOKENS = 128
+PROMPT_LEN = 32
+CHECK_TOKENS = 32
+CHECK_PROMPTS = 8
+SEED = 20261130
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prompts(count: int, length: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(length)]}
+        for _ in range(count)
+    ]
+
+
+def check_prompts() -> list[list[int]]:
+    """Prompts of the correctness check: varied lengths, one long."""
+    lengths = [5, 17, 33, 64, 100, 9, 511, 24][:CHECK_PROMPTS]
+    return [p["prompt_token_ids"] for i, n in enumerate(lengths) for p in prompts(1, n, SEED + i)]
+
+
+def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], tp: int, **kw):
+    from vllm import LLM
+
+    compilation = {"mode": 0}
+    if not eager:
+        compilation |= {"cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sizes}
+    return LLM(
+        model=model_dir,
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        attention_backend="TRITON_ATTN",
+        enable_prefix_caching=False,
+        enforce_eager=eager,
+        compilation_config=compilation,
+        seed=0,
+        tensor_parallel_size=tp,
+        **MODELS[model].get("engine_args", {}),
+        **kw,
+    )
+
+
+def child_time(args: argparse.Namespace) -> dict:
+    import vllm
+    from vllm import SamplingParams
+
+    batches = [int(b) for b in args.batches.split(",")]
+    t0 = time.perf_counter()
+    llm = _engine(
+        args.model_dir,
+        args.model,
+        args.mode == "eager",
+        sorted(set(batches)),
+        args.tp,
+        load_format="dummy",
+        max_num_seqs=max(batches + [b for b, _ in PREFILLS]),
+        max_model_len=4096,
+        max_num_batched_tokens=max(b * n for b, n in PREFILLS),
+        gpu_memory_utilization=0.85,
+    )
+    started = time.perf_counter() - t0
+
+    def timed(ps: list[dict], n: int) -> float:
+        sp = SamplingParams(
+            max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False
+        )
+        t = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        return (time.perf_counter() - t) * 1000
+
+    decode = {}
+    for b in batches:
+        ps = prompts(b, PROMPT_LEN, SEED + b)
+        timed(ps, 8)  # warm-up: kernels compiled, graphs touched
+        reps = []
+        for _ in range(args.reps):
+            one = timed(ps, 1)
+            many = timed(ps, 1 + DECODE_TOKENS)
+            reps.append((many - one) / DECODE_TOKENS)
+        decode[str(b)] = reps
+        log(f"{args.tree} {args.model} {args.mode} batch {b}: {min(reps):.3f} ms/token")
+    prefill = {}
+    for b, n in PREFILLS:
+        ps = prompts(b, n, SEED + 7 * b)
+        for _ in range(3):  # the first calls of a new shape run slow
+            timed(ps, 1)
+        prefill[f"{b}x{n}"] = [timed(ps, 1) for _ in range(args.prefill_reps)]
+    result = {
+        "vllm_file": vllm.__file__,
+        "start_s": started,
+        "decode_ms": decode,
+        "prefill_ms": prefill,
+    }
+    if args.profile:
+        b, n = PREFILLS[0]
+        result["profile"] = profile_step(lambda: timed(prompts(b, n, SEED + 7 * b), 1))
+        result["profile"]["step"] = f"prefill {b}x{n}"
+    return result
+
+
+def profile_step(step) -> dict:
+    """GPU time per kernel name over one call of ``step`` (already warm), and
+    its wall time: where a step's time goes, kernel by kernel, and how much of
+    it no kernel accounts for (host time, launch gaps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall_ms = step()
+    kernels = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "self_device_time_total", 0)
+        if us > 0:
+            kernels[evt.key] = {"count": evt.count, "us": us}
+    return {"wall_ms": wall_ms, "kernels": kernels}
+
+
+def child_check(args: argparse.Namespace) -> dict:
+    from vllm import SamplingParams
+
+    llm = _engine(
+        args.model_dir,
+        args.model,
+        False,
+        [1, 2, 4, 8, 16],
+        args.tp,
+        load_format="auto",
+        max_num_seqs=16,
+        max_model_len=2048,
+        kv_cache_memory_bytes=4 << 30,
+        gpu_memory_utilization=0.4,
+    )
+    sp = SamplingParams(
+        max_tokens=CHECK_TOKENS,
+        min_tokens=CHECK_TOKENS,
+        ignore_eos=True,
+        temperature=0.0,
+        logprobs=5,
+        detokenize=False,
+    )
+    ps = [{"prompt_token_ids": p} for p in check_prompts()]
+
+    def run(batch: list[dict]) -> list[dict]:
+        outs = llm.generate(batch, sp, use_tqdm=False)
+        return [
+            {
+                "tokens": list(o.outputs[0].token_ids),
+                "logprobs": [
+                    {str(t): lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs
+                ],
+            }
+            for o in outs
+        ]
+
+    # Teacher-forced: the fp32 reference's own continuation as the prompt;
+    # the log-probability each tree gives every reference token, and its rank.
+    ref = json.loads(Path(args.ref).read_text())
+    forced_in = [
+        {"prompt_token_ids": p["prompt_token_ids"] + toks}
+        for p, toks in zip(ps, ref["ref_tokens"], strict=True)
+    ]
+    forced_sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+    forced = []
+    for p, o in zip(forced_in, llm.generate(forced_in, forced_sp, use_tqdm=False), strict=True):
+        ids = p["prompt_token_ids"]
+        start = len(ids) - CHECK_TOKENS
+        forced.append(
+            [
+                {
+                    "logprob": o.prompt_logprobs[j][ids[j]].logprob,
+                    "rank": o.prompt_logprobs[j][ids[j]].rank,
+                }
+                for j in range(start, len(ids))
+            ]
+        )
+    # Batch 1 (the decode graph of one sequence), then all prompts together.
+    return {"single": run(ps[:1]), "batch": run(ps), "forced": forced}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    result = {"model": args.model, "tree": args.tree, "mode": args.mode}
+    try:
+        result |= child_check(args) if args.check else child_time(args)
+    except Exception as e:  # the parent records it and goes on
+        import traceback
+
+        traceback.print_exc()
+        result["error"] = f"{type(e).__name__}: {e}"[:500]
+    Path(args.json).write_text(json.dumps(result))
+    return 0
