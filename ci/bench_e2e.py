@@ -73,6 +73,20 @@ ENGINE_ENV = {
 }
 
 
+def schedule(models: str, modes: str, procs: int, eager_procs: int) -> list[tuple]:
+    """The timing processes in the order they run: (model, mode, index, tree).
+    ``models`` is a comma list of MODEL or MODEL:N (N graph processes per tree)."""
+    jobs = []
+    for item in models.split(","):
+        model, _, count = item.partition(":")
+        if model not in MODELS:
+            raise SystemExit(f"bench_e2e: unknown model {model!r} (known: {', '.join(MODELS)})")
+        for mode in modes.split(","):
+            n = int(count or procs) if mode == "graph" else eager_procs
+            jobs += [(model, mode, i, tree) for i, tree in enumerate(abba(n))]
+    return jobs
+
+
 def abba(procs: int) -> list[str]:
     """Tree order for ``procs`` processes per tree: base, patched, patched,
     base, base, patched, ..."""
@@ -150,12 +164,7 @@ class Driver:
         from e2e_models import write_config
 
         a = self.args
-        jobs = []
-        for item in a.models.split(","):
-            model, _, count = item.partition(":")
-            for mode in a.modes.split(","):
-                procs = int(count or a.procs) if mode == "graph" else a.eager_procs
-                jobs += [(model, mode, i, tree) for i, tree in enumerate(abba(procs))]
+        jobs = schedule(a.models, a.modes, a.procs, a.eager_procs)
         for seq, (model, mode, i, tree) in enumerate(jobs):
             need = self.durations.get((model, mode), a.first_estimate)
             if self.left() < need:
@@ -214,6 +223,12 @@ class Driver:
 
 
 def device_main(args: argparse.Namespace) -> int:
+    # Bad names fail here, before the bundle is unpacked on the GPU machine.
+    if args.models:
+        schedule(args.models, args.modes, args.procs, args.eager_procs)
+    unknown = [m for m in args.check.split(",") if m and m not in MODELS]
+    if unknown:
+        raise SystemExit(f"bench_e2e: unknown model(s) for --check: {', '.join(unknown)}")
     driver = Driver(args)
     if args.check:
         driver.check_models()

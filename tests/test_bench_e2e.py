@@ -37,6 +37,27 @@ def test_abba_alternates_trees_and_balances_them():
     assert all({order[i], order[i + 1]} == {"base", "patched"} for i in range(0, 8, 2))
 
 
+def test_schedule_runs_each_model_and_mode_in_abba_order():
+    jobs = bench_e2e.schedule("a2.7b:2,30b-a3b", "graph,eager", procs=1, eager_procs=1)
+    assert jobs == [
+        ("a2.7b", "graph", 0, "base"),
+        ("a2.7b", "graph", 1, "patched"),
+        ("a2.7b", "graph", 2, "patched"),
+        ("a2.7b", "graph", 3, "base"),
+        ("a2.7b", "eager", 0, "base"),
+        ("a2.7b", "eager", 1, "patched"),
+        ("30b-a3b", "graph", 0, "base"),
+        ("30b-a3b", "graph", 1, "patched"),
+        ("30b-a3b", "eager", 0, "base"),
+        ("30b-a3b", "eager", 1, "patched"),
+    ]
+    with pytest.raises(SystemExit, match="unknown model 'a2.7'"):
+        bench_e2e.schedule("a2.7", "graph", 1, 1)
+    # the device command refuses bad names before it unpacks anything
+    with pytest.raises(SystemExit, match="--check: next"):
+        bench_e2e.main(["device", "--bundle", "/nonexistent", "--out", "/tmp/x", "--check", "next"])
+
+
 def test_summary_medians_ratio_range_and_spreads():
     records = [
         record("base", b1=[2.0, 2.2, 2.1]),  # process median 2.1
