@@ -137,17 +137,18 @@ class Driver:
     def spawn(self, tree: str, cmd: list[str]) -> subprocess.Popen:
         env = dict(os.environ, **ENGINE_ENV)
         env["PYTHONPATH"] = os.pathsep.join([str(self.trees[tree]), str(self.site)])
-        log_path = self.out / "e2e-log.txt"
-        fh = open(log_path, "a")  # noqa: SIM115 (closed with the process)
-        fh.write(f"\n===== {tree}: {' '.join(cmd[2:])}\n")
-        fh.flush()
-        return subprocess.Popen(
-            [sys.executable, __file__, *cmd],
-            env=env,
-            cwd=self.work,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+        # The child writes through its own copy of the descriptor, so this
+        # process closes its handle as soon as the child has started.
+        with open(self.out / "e2e-log.txt", "a") as fh:
+            fh.write(f"\n===== {tree}: {' '.join(cmd)}\n")
+            fh.flush()
+            return subprocess.Popen(
+                [sys.executable, __file__, *cmd],
+                env=env,
+                cwd=self.work,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
 
     def wait(self, proc: subprocess.Popen, json_path: Path) -> dict:
         try:
