@@ -238,12 +238,22 @@ def device_main(args: argparse.Namespace) -> int:
     driver.raw["wall_s"] = time.monotonic() - driver.t0
     driver.save()
     rows = e2e_report.summarize(driver.raw["records"])
-    print(e2e_report.table(rows))
+    print(e2e_report.table(rows) + diagnostics(driver.raw["records"]))
     if driver.raw["checks"]:
         print(e2e_report.check_table(driver.raw["checks"]))
     for s in driver.raw["skipped"]:
         print("skipped:", s)
     return 0
+
+
+def diagnostics(records: list[dict]) -> str:
+    """The kernel/host profile and allocator tables, where the records have them."""
+    text = ""
+    if any("profile" in r for r in records):
+        text += "\n" + e2e_report.profile_table(records)
+    if any(r.get("prefill_allocator") for r in records):
+        text += "\n" + e2e_report.allocator_table(records)
+    return text
 
 
 def read_raw(path: Path) -> str:
@@ -256,9 +266,7 @@ def report_main(args: argparse.Namespace) -> int:
     records = [r for raw in raws for r in raw["records"]]
     checks = [c for raw in raws for c in raw["checks"]]
     rows = e2e_report.summarize(records)
-    text = e2e_report.table(rows)
-    if any("profile" in r for r in records):
-        text += "\n" + e2e_report.profile_table(records)
+    text = e2e_report.table(rows) + diagnostics(records)
     if checks:
         text += "\n" + e2e_report.check_table(checks)
     print(text)

@@ -4,7 +4,7 @@
 ``child_time`` measures decode and prefill on dummy weights, ``child_check``
 generates greedy tokens with logprobs on a real checkpoint and scores the fp32
 reference's continuation teacher-forced, ``profile_step`` gives one step's GPU
-time per kernel.
+time per kernel and its largest host events.
 """
 
 from __future__ import annotations
@@ -102,17 +102,20 @@ def child_time(args: argparse.Namespace) -> dict:
             reps.append((many - one) / DECODE_TOKENS)
         decode[str(b)] = reps
         log(f"{args.tree} {args.model} {args.mode} batch {b}: {min(reps):.3f} ms/token")
-    prefill = {}
+    prefill, allocator = {}, {}
     for b, n in PREFILLS:
         ps = prompts(b, n, SEED + 7 * b)
         for _ in range(3):  # the first calls of a new shape run slow
             timed(ps, 1)
+        before = allocator_counts()
         prefill[f"{b}x{n}"] = [timed(ps, 1) for _ in range(args.prefill_reps)]
+        allocator[f"{b}x{n}"] = {k: v - before[k] for k, v in allocator_counts().items()}
     result = {
         "vllm_file": vllm.__file__,
         "start_s": started,
         "decode_ms": decode,
         "prefill_ms": prefill,
+        "prefill_allocator": allocator,
     }
     if args.profile:
         b, n = PREFILLS[0]
@@ -121,23 +124,37 @@ def child_time(args: argparse.Namespace) -> dict:
     return result
 
 
-def profile_step(step) -> dict:
-    """GPU time per kernel name over one call of ``step`` (already warm), and
-    its wall time: where a step's time goes, kernel by kernel, and how much of
-    it no kernel accounts for (host time, launch gaps)."""
+def allocator_counts() -> dict[str, int]:
+    """The CUDA caching allocator's counters that show device allocations
+    (cudaMalloc / cudaFree, each a device-wide sync) and retries after a
+    failed allocation: a step whose tensors no longer fit the cached blocks."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+    return {k: int(stats.get(k, 0)) for k in keys}
+
+
+def profile_step(step, top_host: int = 40) -> dict:
+    """GPU time per kernel name over one call of ``step`` (already warm), its
+    wall time, and the host events that took most self time (Python ops and
+    CUDA runtime calls such as cudaMalloc or a stream sync): where a step's
+    time goes, and how much of it no kernel accounts for."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall_ms = step()
-    kernels = {}
+    kernels, host = {}, {}
     for evt in prof.key_averages():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = getattr(evt, "self_device_time_total", 0)
-        if us > 0:
-            kernels[evt.key] = {"count": evt.count, "us": us}
-    return {"wall_ms": wall_ms, "kernels": kernels}
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(evt, "self_device_time_total", 0)
+            if us > 0:
+                kernels[evt.key] = {"count": evt.count, "us": us}
+        elif evt.self_cpu_time_total > 0:
+            host[evt.key] = {"count": evt.count, "us": evt.self_cpu_time_total}
+    kept = sorted(host, key=lambda k: -host[k]["us"])[:top_host]
+    return {"wall_ms": wall_ms, "kernels": kernels, "host": {k: host[k] for k in kept}}
 
 
 def child_check(args: argparse.Namespace) -> dict:

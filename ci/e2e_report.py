@@ -50,7 +50,8 @@ def summarize(records: list[dict]) -> list[dict]:
 def profile_table(records: list[dict], top: int = 15) -> str:
     """Where a profiled step's time goes, per model and mode: each kernel's
     GPU time (median over a tree's processes), base against patched, the
-    kernels that differ most first; then the kernels' sum against the wall."""
+    kernels that differ most first, after the kernels' sum and the wall; then
+    the host events (self CPU time) the same way."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         if "profile" in rec and not rec.get("error"):
@@ -59,32 +60,56 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             )
     out = []
     for (model, mode, step), trees in sorted(groups.items()):
-        med: dict[str, dict[str, float]] = {}
-        for tree, profiles in trees.items():
-            names = {k for p in profiles for k in p["kernels"]}
-            med[tree] = {
-                k: statistics.median(p["kernels"].get(k, {}).get("us", 0.0) for p in profiles)
-                for k in names
-            }
-            med[tree]["(all kernels)"] = statistics.median(
-                sum(k["us"] for k in p["kernels"].values()) for p in profiles
+        for section, what in (("kernels", "GPU µs per kernel"), ("host", "host µs per event")):
+            med: dict[str, dict[str, float]] = {}
+            for tree, profiles in trees.items():
+                events = [p.get(section, {}) for p in profiles]
+                names = {k for e in events for k in e}
+                med[tree] = {
+                    k: statistics.median(e.get(k, {}).get("us", 0.0) for e in events) for k in names
+                }
+                if section == "kernels":
+                    med[tree]["(all kernels)"] = statistics.median(
+                        sum(k["us"] for k in e.values()) for e in events
+                    )
+                    med[tree]["(wall)"] = statistics.median(1000 * p["wall_ms"] for p in profiles)
+            base, patched = med.get("base", {}), med.get("patched", {})
+            if not base and not patched:
+                continue
+            totals = [t for t in ("(all kernels)", "(wall)") if t in base or t in patched]
+            names = totals + sorted(
+                (set(base) | set(patched)) - set(totals),
+                key=lambda k: (-abs(patched.get(k, 0) - base.get(k, 0)), k),
             )
-            med[tree]["(wall)"] = statistics.median(1000 * p["wall_ms"] for p in profiles)
-        base, patched = med.get("base", {}), med.get("patched", {})
-        totals = ["(all kernels)", "(wall)"]
-        names = totals + sorted(
-            (set(base) | set(patched)) - set(totals),
-            key=lambda k: (-abs(patched.get(k, 0) - base.get(k, 0)), k),
-        )
-        out.append(
-            f"{model} {mode}, {step}: GPU µs per kernel, median over processes\n\n"
-            "| kernel | base µs | patched µs | patched − base |\n|---|---:|---:|---:|"
-        )
-        for k in names[: top + 2]:
-            b, p = base.get(k, 0.0), patched.get(k, 0.0)
-            out.append(f"| `{k[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |")
-        out.append("")
+            out.append(
+                f"{model} {mode}, {step}: {what}, median over processes\n\n"
+                f"| {section[:-1] if section == 'kernels' else 'host event'} "
+                "| base µs | patched µs | patched − base |\n|---|---:|---:|---:|"
+            )
+            for k in names[: top + len(totals)]:
+                b, p = base.get(k, 0.0), patched.get(k, 0.0)
+                out.append(f"| `{k[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |")
+            out.append("")
     return "\n".join(out)
+
+
+def allocator_table(records: list[dict]) -> str:
+    """Device allocations, frees and allocation retries of the CUDA caching
+    allocator during each process's timed prefill steps: a step that no longer
+    fits the cached blocks frees them and allocates anew, each a device-wide
+    synchronisation."""
+    rows = ["| model | mode | prefill | tree | device allocs | device frees | alloc retries |"]
+    rows.append("|---|---|---|---|---|---|---|")
+    for rec in sorted(records, key=lambda r: (r["model"], r["mode"], r.get("seq", 0))):
+        counts = rec.get("prefill_allocator", {})
+        for shape in sorted(counts, key=_key_order):
+            c = counts[shape]
+            rows.append(
+                f"| {rec['model']} | {rec['mode']} | {shape} | {rec['tree']} "
+                f"| {c.get('num_device_alloc', 0)} | {c.get('num_device_free', 0)} "
+                f"| {c.get('num_alloc_retries', 0)} |"
+            )
+    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
 
 
 def _spread(values: list[float]) -> float | None:

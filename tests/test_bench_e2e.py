@@ -269,3 +269,45 @@ def test_profile_table_orders_kernels_by_difference_and_keeps_the_totals():
     assert lines[2] == "| `gate` | 12.0 | 500.0 | +488.0 |"
     assert lines[3] == "| `fused_moe_kernel` | 900.0 | 900.0 | +0.0 |"
     assert "a2.7b graph, prefill 1x2048" in table
+
+
+def test_profile_table_has_a_host_section_ordered_by_difference():
+    def prof(tree, malloc_us):
+        host = {"cudaLaunchKernel": {"count": 900, "us": 4000.0}}
+        if malloc_us:
+            host["cudaMalloc"] = {"count": 3, "us": malloc_us}
+        kernels = {"fused_moe_kernel": {"count": 48, "us": 900.0}}
+        return {
+            **record(tree),
+            "profile": {
+                "step": "prefill 1x2048",
+                "wall_ms": 30.0,
+                "kernels": kernels,
+                "host": host,
+            },
+        }
+
+    table = e2e_report.profile_table([prof("base", 0), prof("patched", 15000.0)])
+    host = table[table.index("host µs per event") :]
+    lines = [line for line in host.splitlines() if line.startswith("| `")]
+    # no totals in the host section; an event one tree lacks counts as 0 µs
+    assert lines == [
+        "| `cudaMalloc` | 0.0 | 15000.0 | +15000.0 |",
+        "| `cudaLaunchKernel` | 4000.0 | 4000.0 | +0.0 |",
+    ]
+
+
+def test_allocator_table_lists_each_process_and_prefill_shape_in_order():
+    def rec(tree, seq, allocs):
+        counts = {"num_device_alloc": allocs, "num_device_free": allocs, "num_alloc_retries": 0}
+        return {**record(tree), "seq": seq, "prefill_allocator": {"4x2048": {}, "1x2048": counts}}
+
+    table = e2e_report.allocator_table([rec("patched", 1, 7), rec("base", 0, 0)])
+    rows = [line for line in table.splitlines() if line.startswith("| a2.7b")]
+    assert rows == [
+        "| a2.7b | graph | 1x2048 | base | 0 | 0 | 0 |",
+        "| a2.7b | graph | 4x2048 | base | 0 | 0 | 0 |",
+        "| a2.7b | graph | 1x2048 | patched | 7 | 7 | 0 |",
+        "| a2.7b | graph | 4x2048 | patched | 0 | 0 | 0 |",
+    ]
+    assert e2e_report.allocator_table([record("base")]) == ""
