@@ -60,7 +60,10 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             )
     out = []
     for (model, mode, step), trees in sorted(groups.items()):
-        for section, what in (("kernels", "GPU µs per kernel"), ("host", "host µs per event")):
+        for section, column, what in (
+            ("kernels", "kernel", "GPU µs per kernel"),
+            ("host", "host event", "host µs per event"),
+        ):
             med: dict[str, dict[str, float]] = {}
             for tree, profiles in trees.items():
                 events = [p.get(section, {}) for p in profiles]
@@ -83,8 +86,7 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             )
             out.append(
                 f"{model} {mode}, {step}: {what}, median over processes\n\n"
-                f"| {section[:-1] if section == 'kernels' else 'host event'} "
-                "| base µs | patched µs | patched − base |\n|---|---:|---:|---:|"
+                f"| {column} | base µs | patched µs | patched − base |\n|---|---:|---:|---:|"
             )
             for k in names[: top + len(totals)]:
                 b, p = base.get(k, 0.0), patched.get(k, 0.0)

@@ -179,7 +179,14 @@ def test_report_writes_markdown_json_and_plot(tmp_path):
         "records": [
             record(t, b1=[1.0 + i / 100], b8=[2.0]) for i, t in enumerate(bench_e2e.abba(2))
         ],
-        "checks": [],
+        "checks": [
+            {
+                "model": "a2.7b",
+                "error": "patched: process exited 1 without a result",
+                "ref": {"ref_logprobs": [[-0.5]]},
+                "outputs": {"base": {"single": []}, "patched": {"error": "exited 1"}},
+            }
+        ],
         "bundle": {"head_rev": "x"},
         "versions": {"device": "test"},
     }
@@ -194,6 +201,10 @@ def test_report_writes_markdown_json_and_plot(tmp_path):
     summary = json.loads(js.read_text())
     assert [r["key"] for r in summary["rows"]] == ["1", "8"]
     assert summary["runs"][0]["versions"] == {"device": "test"}
+    # the summary keeps each check's verdict, not its per-token data
+    assert summary["checks"] == [
+        {"model": "a2.7b", "error": "patched: process exited 1 without a result"}
+    ]
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
