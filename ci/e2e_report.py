@@ -218,7 +218,8 @@ def check_table(checks: list[dict]) -> str:
         else:
             flips = c["flips"]
             worst = max(f["margin"] for f in flips)
-            same = f"{len(flips)} of {c['sequences']} diverge (largest base margin {worst:.3f})"
+            same = f"{len(flips)} of {c['sequences']} diverge (largest base margin {worst:.3f}"
+            same += f", near tie ≤ {c['tie']:.3f})" if "tie" in c else ")"
         err = f"{c['ref_error']['base']:.4f} / {c['ref_error']['patched']:.4f}"
         top1 = f"{c['ref_top1']['base']:.3f} / {c['ref_top1']['patched']:.3f}"
         lines.append(
@@ -281,20 +282,27 @@ def judge(model: str, ref: dict, outs: dict, tie: float, slack: float) -> dict:
 
     Pass: greedy tokens identical or diverging only at near ties, and the
     patched tree no further from the fp32 reference than base (mean error
-    at most ``slack`` times base's, plus 0.005)."""
+    at most ``slack`` times base's, plus 0.005).
+
+    A near tie is a base margin within ``tie``, or within base's own mean
+    error against fp32 where that is larger: a model whose bf16 logprobs miss
+    fp32 by 0.19 on average (Qwen3-Next's gated delta-net at random init) has
+    no meaningful preference between two tokens 0.15 apart, on either tree."""
     errors = [f"{t}: {o['error']}" for t, o in outs.items() if o.get("error")]
     if errors:
         return {"model": model, "error": "; ".join(errors)}
-    b, p = outs["base"], outs["patched"]
-    verdict = compare_generations(b["single"] + b["batch"], p["single"] + p["batch"], tie)
     ref_error, ref_top1 = {}, {}
     for tree, out in outs.items():
         ref_error[tree], ref_top1[tree] = reference_error(out["forced"], ref["ref_logprobs"])
+    tie = max(tie, ref_error["base"])
+    b, p = outs["base"], outs["patched"]
+    verdict = compare_generations(b["single"] + b["batch"], p["single"] + p["batch"], tie)
     close = ref_error["patched"] <= slack * ref_error["base"] + 0.005
     return {
         "model": model,
         "layers": ref["layers"],
         **verdict,
+        "tie": tie,
         "ref_error": ref_error,
         "ref_top1": ref_top1,
         "passed": verdict["near_ties_only"] and close,
