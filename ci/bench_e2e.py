@@ -14,6 +14,8 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 * prefill ms of 1 x 2,048 and 4 x 2,048 prompt tokens (one engine step);
 * ``--modes eager`` adds the same without CUDA graphs, where host cost shows;
 * ``--profile``: GPU time per kernel of one 1 x 2,048 prefill per process;
+* ``--apply PATCH``: the patched tree also carries a candidate patch, applied
+  on the device, so a patch is judged end to end before it joins the series;
 * ``--tp N``: every engine at tensor parallel N (written for two-GPU runs; not
   yet run on more than one GPU).
 
@@ -74,6 +76,24 @@ ENGINE_ENV = {
 }
 
 
+def apply_candidate(patch: Path, tree: Path) -> dict:
+    """Apply a candidate patch (not yet in the series) to the patched tree, so
+    the engine judges it on top of the series; raises if it does not apply."""
+    import hashlib
+
+    res = subprocess.run(
+        ["git", "apply", "--whitespace=nowarn", str(patch.resolve())],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode:
+        raise SystemExit(f"bench_e2e: {patch} does not apply: {res.stderr.strip()[:300]}")
+    digest = hashlib.sha256(patch.read_bytes()).hexdigest()
+    log(f"applied {patch.name} ({digest[:12]}) to the patched tree")
+    return {"patch": patch.name, "sha256": digest}
+
+
 def schedule(models: str, modes: str, procs: int, eager_procs: int) -> list[tuple]:
     """The timing processes in the order they run: (model, mode, index, tree).
     ``models`` is a comma list of MODEL or MODEL:N (N graph processes per tree)."""
@@ -126,6 +146,7 @@ class Driver:
             "checks": [],
             "skipped": [],
         }
+        self.raw["applied"] = [apply_candidate(Path(c), patched) for c in args.apply]
         self.durations: dict[tuple, float] = {}
         log(f"unpacked in {time.monotonic() - self.t0:.0f} s")
 
@@ -231,6 +252,9 @@ def device_main(args: argparse.Namespace) -> int:
     unknown = [m for m in args.check.split(",") if m and m not in MODELS]
     if unknown:
         raise SystemExit(f"bench_e2e: unknown model(s) for --check: {', '.join(unknown)}")
+    missing = [c for c in args.apply if not Path(c).is_file()]
+    if missing:
+        raise SystemExit(f"bench_e2e: no candidate patch at {', '.join(missing)}")
     driver = Driver(args)
     if args.check:
         driver.check_models()
@@ -272,12 +296,21 @@ def rejudge(check: dict, tie: float, slack: float) -> dict:
     return verdict | {"ref": check["ref"], "outputs": check["outputs"]}
 
 
+def candidates(raws: list[dict]) -> str:
+    """A line naming the candidate patches the patched tree carried, if any."""
+    applied = {(a["patch"], a["sha256"][:12]) for raw in raws for a in raw.get("applied", [])}
+    if not applied:
+        return ""
+    names = ", ".join(f"{name} ({sha})" for name, sha in sorted(applied))
+    return f"patched = the series + candidate {names}\n\n"
+
+
 def report_main(args: argparse.Namespace) -> int:
     raws = [json.loads(read_raw(Path(p))) for p in args.raw]
     records = [r for raw in raws for r in raw["records"]]
     checks = [rejudge(c, args.tie, args.slack) for raw in raws for c in raw["checks"]]
     rows = e2e_report.summarize(records)
-    text = e2e_report.table(rows) + diagnostics(records)
+    text = candidates(raws) + e2e_report.table(rows) + diagnostics(records)
     if checks:
         text += "\n" + e2e_report.check_table(checks)
     print(text)
@@ -286,7 +319,8 @@ def report_main(args: argparse.Namespace) -> int:
     if args.json:
         summary = {
             "runs": [
-                {k: raw.get(k) for k in ("bundle", "versions", "wall_s", "skipped")} for raw in raws
+                {k: raw.get(k) for k in ("bundle", "applied", "versions", "wall_s", "skipped")}
+                for raw in raws
             ],
             "rows": rows,
             # the per-token outputs and the fp32 reference stay in the raw files
@@ -346,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--check", default="", help="models for the correctness check, comma list")
     d.add_argument("--check-parallel", type=int, default=2, help="1: one tree at a time")
     add_judge_arguments(d)
+    d.add_argument(
+        "--apply",
+        action="append",
+        default=[],
+        metavar="PATCH",
+        help="also apply this candidate patch to the patched tree (repeatable): "
+        "judge a patch end to end before it joins the series",
+    )
     d.add_argument("--budget", type=float, default=540, help="seconds; no process starts past it")
     d.add_argument("--first-estimate", type=float, default=75, help="seconds a process may take")
 

@@ -362,3 +362,33 @@ def test_report_rejudges_stored_checks(tmp_path):
     assert bench_e2e.main(["report", str(raw), "--json", str(out)]) == 0
     (check,) = json.loads(out.read_text())["checks"]
     assert check["passed"] and check["tie"] == pytest.approx(0.2) and "outputs" not in check
+
+
+def test_candidate_patch_applies_to_the_patched_tree_or_stops(tmp_path):
+    tree = tmp_path / "patched"
+    tree.mkdir()
+    (tree / "a.py").write_text("x = 1\n")
+    good = tmp_path / "good.patch"
+    good.write_text(
+        "diff --git a/a.py b/a.py\n--- a/a.py\n+++ b/a.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
+    )
+    rec = bench_e2e.apply_candidate(good, tree)
+    assert (tree / "a.py").read_text() == "x = 2\n"
+    assert rec["patch"] == "good.patch" and len(rec["sha256"]) == 64
+    # The same patch no longer applies: a clear stop naming it, tree unchanged.
+    with pytest.raises(SystemExit, match="good.patch does not apply"):
+        bench_e2e.apply_candidate(good, tree)
+    assert (tree / "a.py").read_text() == "x = 2\n"
+    raws = [{"applied": [rec]}, {"applied": [rec]}, {}]
+    assert (
+        bench_e2e.candidates(raws)
+        == f"patched = the series + candidate good.patch ({rec['sha256'][:12]})\n\n"
+    )
+    assert bench_e2e.candidates([{}]) == ""
+
+
+def test_device_stops_on_a_missing_candidate_before_unpacking(tmp_path):
+    with pytest.raises(SystemExit, match="no candidate patch at"):
+        bench_e2e.main(
+            ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--apply", "nope.patch"]
+        )
