@@ -10,9 +10,11 @@ CPU. One raw record is one engine process:
 A process's value is the median of its repetitions; a tree's value is the
 median over its processes. The ratio is patched / base time (below 1 is
 faster). Its range pairs the extremes (fastest patched process against the
-slowest base process and the reverse), and the base-vs-base spread, the
-largest ratio between two base processes minus one, is the noise floor a
-ratio has to clear.
+slowest base process and the reverse). The noise band a ratio has to clear
+is the larger of the base-vs-base and the patched-vs-patched spread (the
+largest ratio between two processes of one tree, minus one): a difference
+between the trees counts only when it exceeds what either tree shows
+against itself.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def _row(model, mode, metric, key, base: list[float], patched: list[float]) -> d
         "patched_median": statistics.median(patched) if patched else None,
         "base_spread": _spread(base),
         "patched_spread": _spread(patched),
-        "base_vs_base": (max(base) / min(base) - 1) if len(base) >= 2 else None,
+        "base_vs_base": _self_ratio(base),
+        "patched_vs_patched": _self_ratio(patched),
         "ratio": None,
         "ratio_lo": None,
         "ratio_hi": None,
@@ -143,18 +146,30 @@ def _row(model, mode, metric, key, base: list[float], patched: list[float]) -> d
         row["ratio"] = row["patched_median"] / row["base_median"]
         row["ratio_lo"] = min(patched) / max(base)
         row["ratio_hi"] = max(patched) / min(base)
-        row["verdict"] = verdict(row["ratio"], row["base_vs_base"])
+        row["verdict"] = verdict(row["ratio"], noise_band(row))
     return row
 
 
-def verdict(ratio: float, base_vs_base: float | None) -> str:
-    """'faster' / 'slower' when the ratio leaves the base-vs-base band,
-    'neutral' inside it, 'unknown' without a band (one base process)."""
-    if base_vs_base is None:
+def _self_ratio(values: list[float]) -> float | None:
+    """The largest ratio between two processes of one tree, minus one."""
+    return max(values) / min(values) - 1 if len(values) >= 2 else None
+
+
+def noise_band(row: dict) -> float | None:
+    """The larger of the two trees' own spreads; None without a base band."""
+    if row["base_vs_base"] is None:
+        return None
+    return max(row["base_vs_base"], row.get("patched_vs_patched") or 0.0)
+
+
+def verdict(ratio: float, band: float | None) -> str:
+    """'faster' / 'slower' when the ratio leaves the noise band, 'neutral'
+    inside it, 'unknown' without a band (one base process)."""
+    if band is None:
         return "unknown"
-    if ratio < 1 - base_vs_base:
+    if ratio < 1 - band:
         return "faster"
-    if ratio > 1 + base_vs_base:
+    if ratio > 1 + band:
         return "slower"
     return "neutral"
 
@@ -171,7 +186,8 @@ def table(rows: list[dict]) -> str:
     """A Markdown table of the rows, one line each."""
     head = (
         "| model | mode | metric | batch | base ms (n) | patched ms (n) | "
-        "patched/base [range] | spread base / patched | base-vs-base | verdict |\n"
+        "patched/base [range] | spread base / patched | base-vs-base / patched-vs-patched "
+        "| verdict |\n"
         "|---|---|---|---|---:|---:|---:|---:|---:|---|\n"
     )
     lines = []
@@ -187,7 +203,7 @@ def table(rows: list[dict]) -> str:
             f"| {_fmt(r['base_median'], '.3f')} ({len(r['base'])}) "
             f"| {_fmt(r['patched_median'], '.3f')} ({len(r['patched'])}) "
             f"| {ratio} | {_pct(r['base_spread'])} / {_pct(r['patched_spread'])} "
-            f"| {_pct(r['base_vs_base'])} "
+            f"| {_pct(r['base_vs_base'])} / {_pct(r.get('patched_vs_patched'))} "
             f"| {r['verdict']} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -311,7 +327,7 @@ def judge(model: str, ref: dict, outs: dict, tie: float, slack: float) -> dict:
 
 def plot(rows: list[dict], path) -> None:
     """Decode patched/base ratio against batch, one line per model and mode,
-    with the ratio range as error bars and the base-vs-base band shaded."""
+    with the ratio range as error bars and the noise band shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,7 +347,7 @@ def plot(rows: list[dict], path) -> None:
             [r["ratio_hi"] - r["ratio"] for r in rs],
         ]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{model} {mode}")
-        band = [r["base_vs_base"] or 0.0 for r in rs]
+        band = [noise_band(r) or 0.0 for r in rs]
         ax.fill_between(xs, [1 - b for b in band], [1 + b for b in band], alpha=0.08)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)

@@ -77,7 +77,25 @@ def test_summary_medians_ratio_range_and_spreads():
     assert row["ratio_hi"] == pytest.approx(1.8 / 2.1)
     assert row["base_spread"] == pytest.approx((2.3 - 2.1) / 2.2)
     assert row["base_vs_base"] == pytest.approx(2.3 / 2.1 - 1)
+    assert row["patched_vs_patched"] == pytest.approx(1.8 / 1.6 - 1)
     assert row["verdict"] == "faster"
+
+
+def test_noise_band_is_the_larger_of_the_two_trees_own_spreads():
+    # Base processes agree within 1 %, patched ones differ by 20 %: a median
+    # 5 % slower is inside what patched shows against itself.
+    records = [record("base", b1=[1.00]), record("base", b1=[1.01])]
+    records += [record("patched", b1=[0.95]), record("patched", b1=[1.14])]
+    (row,) = e2e_report.summarize(records)
+    assert row["ratio"] == pytest.approx(1.045 / 1.005)
+    assert e2e_report.noise_band(row) == pytest.approx(1.14 / 0.95 - 1)
+    assert row["verdict"] == "neutral"
+    # ... while the same medians with quiet processes on both trees are slower.
+    records = [record("base", b1=[1.00]), record("base", b1=[1.01])]
+    records += [record("patched", b1=[1.04]), record("patched", b1=[1.05])]
+    (row,) = e2e_report.summarize(records)
+    assert row["verdict"] == "slower"
+    assert "| 1.0 % / 1.0 % | slower |" in e2e_report.table([row])
 
 
 def test_summary_orders_batches_numerically_and_keeps_models_apart():
@@ -104,7 +122,7 @@ def test_summary_orders_batches_numerically_and_keeps_models_apart():
     [(0.95, 0.02, "faster"), (0.99, 0.02, "neutral"), (1.01, 0.02, "neutral"),
      (1.03, 0.02, "slower"), (0.5, None, "unknown")],
 )  # fmt: skip
-def test_verdict_uses_the_base_vs_base_band(ratio, band, want):
+def test_verdict_uses_the_noise_band(ratio, band, want):
     assert e2e_report.verdict(ratio, band) == want
 
 
