@@ -16,8 +16,12 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 * ``--profile``: GPU time per kernel of one 1 x 2,048 prefill per process;
 * ``--apply PATCH``: the patched tree also carries a candidate patch, applied
   on the device, so a patch is judged end to end before it joins the series;
-* ``--tp N``: every engine at tensor parallel N (written for two-GPU runs; not
-  yet run on more than one GPU).
+* ``--tp N``: every engine at tensor parallel N; ``--dp N``: data parallel N
+  with expert parallelism, one engine process per rank started together (as
+  in vLLM's offline data-parallel example), each rank given the same prompts,
+  rank 0's numbers recorded, with the all-to-all backend vLLM picked. Both
+  are written for the two-GPU machine and not yet run there. ``report`` also
+  compares each tree's multi-GPU check with its one-GPU check.
 
 Correctness (``--check``): a small real checkpoint per model
 (``e2e_models.make_checkpoint``), loaded through vLLM's normal loader on both
@@ -41,6 +45,7 @@ import argparse
 import json
 import lzma
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,6 +79,35 @@ ENGINE_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+
+
+def parallel_label(tp: int, dp: int) -> str:
+    """What a record's mode (or a check's model) gets appended for a
+    multi-GPU run: " tp2", " dp2ep" (data parallel with expert parallel),
+    both, or nothing on one GPU."""
+    return (f" tp{tp}" if tp > 1 else "") + (f" dp{dp}ep" if dp > 1 else "")
+
+
+def rank_env(rank: int, size: int, port: int) -> dict[str, str]:
+    """The environment of data-parallel rank ``rank`` of ``size`` on this host,
+    as vLLM's offline data-parallel example sets it. The engine core runs in
+    its own process there, which picks the rank's GPU."""
+    return {
+        "VLLM_DP_RANK": str(rank),
+        "VLLM_DP_RANK_LOCAL": str(rank),
+        "VLLM_DP_SIZE": str(size),
+        "VLLM_DP_MASTER_IP": "127.0.0.1",
+        "VLLM_DP_MASTER_PORT": str(port),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def apply_candidate(patch: Path, tree: Path) -> dict:
@@ -156,8 +190,8 @@ class Driver:
     def save(self) -> None:
         (self.out / "e2e-raw.json").write_text(json.dumps(self.raw, indent=1))
 
-    def spawn(self, tree: str, cmd: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, **ENGINE_ENV)
+    def spawn(self, tree: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
+        env = dict(os.environ, **ENGINE_ENV, **(extra_env or {}))
         env["PYTHONPATH"] = os.pathsep.join([str(self.trees[tree]), str(self.site)])
         # The child writes through its own copy of the descriptor, so this
         # process closes its handle as soon as the child has started.
@@ -170,13 +204,39 @@ class Driver:
                 cwd=self.work,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
+                # its own process group: a kill reaches an engine-core child too
+                start_new_session=True,
             )
+
+    def start(self, tree: str, cmd: list[str], res: Path) -> list[tuple]:
+        """One measurement's processes: one, or with ``--dp N`` one per
+        data-parallel rank (each writes its own result file)."""
+        dp = self.args.dp
+        if dp == 1:
+            return [(self.spawn(tree, [*cmd, "--json", str(res)]), res)]
+        port = free_port()
+        started = []
+        for rank in range(dp):
+            path = res.with_name(f"{res.stem}-rank{rank}{res.suffix}")
+            cmd_rank = [*cmd, "--json", str(path)]
+            started.append((self.spawn(tree, cmd_rank, rank_env(rank, dp, port)), path))
+        return started
+
+    def collect(self, started: list[tuple]) -> dict:
+        """Rank 0's result stands for the measurement; another rank's error
+        makes it an error."""
+        results = [self.wait(proc, path) for proc, path in started]
+        rec = results[0]
+        others = [f"rank {r}: {x['error']}" for r, x in enumerate(results) if r and x.get("error")]
+        if others and not rec.get("error"):
+            rec["error"] = "; ".join(others)
+        return rec
 
     def wait(self, proc: subprocess.Popen, json_path: Path) -> dict:
         try:
             proc.wait(timeout=max(self.left(), 1))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return {"error": "killed at the time budget"}
         if not json_path.exists():
@@ -199,15 +259,15 @@ class Driver:
             res = self.work / f"time-{seq}.json"
             batches = a.batches if mode == "graph" else a.eager_batches
             cmd = ["child", "--tree", tree, "--model", model, "--mode", mode]
-            cmd += ["--model-dir", str(mdir), "--batches", batches, "--json", str(res)]
+            cmd += ["--model-dir", str(mdir), "--batches", batches]
             cmd += ["--reps", str(a.reps), "--prefill-reps", str(a.prefill_reps)]
             cmd += ["--profile"] if a.profile else []
-            cmd += ["--tp", str(a.tp)]
+            cmd += ["--tp", str(a.tp), "--dp", str(a.dp)]
             t = time.monotonic()
-            rec = self.wait(self.spawn(tree, cmd), res)
+            rec = self.collect(self.start(tree, cmd, res))
             took = time.monotonic() - t
             self.durations[(model, mode)] = max(self.durations.get((model, mode), 0), took)
-            label = mode if a.tp == 1 else f"{mode} tp{a.tp}"
+            label = mode + parallel_label(a.tp, a.dp)
             rec |= {"model": model, "mode": label, "tree": tree, "seq": seq, "wall_s": took}
             self.raw["records"].append(rec)
             self.save()
@@ -232,13 +292,13 @@ class Driver:
             for tree in ("base", "patched"):
                 res = self.work / f"check-{model}-{tree}.json"
                 cmd = ["child", "--check", "--tree", tree, "--model", model]
-                cmd += ["--model-dir", str(ckpt), "--json", str(res), "--ref", str(ref_path)]
-                cmd += ["--tp", str(self.args.tp)]
-                procs[tree] = (self.spawn(tree, cmd), res)
+                cmd += ["--model-dir", str(ckpt), "--ref", str(ref_path)]
+                cmd += ["--tp", str(self.args.tp), "--dp", str(self.args.dp)]
+                procs[tree] = self.start(tree, cmd, res)
                 if self.args.check_parallel < 2:
-                    procs[tree] = self.wait(*procs[tree])
-            outs = {t: p if isinstance(p, dict) else self.wait(*p) for t, p in procs.items()}
-            label = model if self.args.tp == 1 else f"{model} tp{self.args.tp}"
+                    procs[tree] = self.collect(procs[tree])
+            outs = {t: p if isinstance(p, dict) else self.collect(p) for t, p in procs.items()}
+            label = model + parallel_label(self.args.tp, self.args.dp)
             verdict = e2e_report.judge(label, ref, outs, self.args.tie, self.args.slack)
             self.raw["checks"].append(verdict | {"ref": ref, "outputs": outs})
             self.save()
@@ -252,6 +312,8 @@ def device_main(args: argparse.Namespace) -> int:
     unknown = [m for m in args.check.split(",") if m and m not in MODELS]
     if unknown:
         raise SystemExit(f"bench_e2e: unknown model(s) for --check: {', '.join(unknown)}")
+    if args.dp > 1 and args.profile:
+        raise SystemExit("bench_e2e: --profile needs one engine process (not --dp)")
     missing = [c for c in args.apply if not Path(c).is_file()]
     if missing:
         raise SystemExit(f"bench_e2e: no candidate patch at {', '.join(missing)}")
@@ -266,6 +328,7 @@ def device_main(args: argparse.Namespace) -> int:
     print(e2e_report.table(rows) + diagnostics(driver.raw["records"]))
     if driver.raw["checks"]:
         print(e2e_report.check_table(driver.raw["checks"]))
+        print(e2e_report.parallel_table(driver.raw["checks"], args.tie))
     for s in driver.raw["skipped"]:
         print("skipped:", s)
     return 0
@@ -313,6 +376,8 @@ def report_main(args: argparse.Namespace) -> int:
     text = candidates(raws) + e2e_report.table(rows) + diagnostics(records)
     if checks:
         text += "\n" + e2e_report.check_table(checks)
+        across = e2e_report.parallel_table(checks, args.tie)
+        text += "\n" + across if across else ""
     print(text)
     if args.md:
         Path(args.md).write_text(text)
@@ -377,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--tp", type=int, default=1, help="tensor parallel size of every engine (default 1)"
     )
+    d.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data parallel size with expert parallelism: one engine process per rank, "
+        "rank 0's numbers recorded (default 1)",
+    )
     d.add_argument("--check", default="", help="models for the correctness check, comma list")
     d.add_argument("--check-parallel", type=int, default=2, help="1: one tree at a time")
     add_judge_arguments(d)
@@ -401,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--prefill-reps", type=int, default=5)
     c.add_argument("--profile", action="store_true")
     c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--dp", type=int, default=1)
     c.add_argument("--check", action="store_true")
     c.add_argument("--ref", help="the fp32 reference (--check)")
     c.add_argument("--json", required=True)

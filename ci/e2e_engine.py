@@ -42,12 +42,17 @@ def check_prompts() -> list[list[int]]:
     return [prompts(1, n, SEED + i)[0]["prompt_token_ids"] for i, n in enumerate(lengths)]
 
 
-def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], tp: int, **kw):
+def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], args, **kw):
+    """The engine of one process. With ``args.dp`` > 1 it is one data-parallel
+    rank (its rank, size and master come from the VLLM_DP_* environment, as
+    in vLLM's offline data-parallel example) with expert parallelism."""
     from vllm import LLM
 
     compilation = {"mode": 0}
     if not eager:
         compilation |= {"cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sizes}
+    if args.dp > 1:
+        kw["enable_expert_parallel"] = True
     return LLM(
         model=model_dir,
         dtype="bfloat16",
@@ -57,7 +62,7 @@ def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], tp: int, 
         enforce_eager=eager,
         compilation_config=compilation,
         seed=0,
-        tensor_parallel_size=tp,
+        tensor_parallel_size=args.tp,
         **MODELS[model].get("engine_args", {}),
         **kw,
     )
@@ -74,7 +79,7 @@ def child_time(args: argparse.Namespace) -> dict:
         args.model,
         args.mode == "eager",
         sorted(set(batches)),
-        args.tp,
+        args,
         load_format="dummy",
         max_num_seqs=max(batches + [b for b, _ in PREFILLS]),
         max_model_len=4096,
@@ -109,9 +114,11 @@ def child_time(args: argparse.Namespace) -> dict:
             timed(ps, 1)
         before = allocator_counts()
         prefill[f"{b}x{n}"] = [timed(ps, 1) for _ in range(args.prefill_reps)]
-        allocator[f"{b}x{n}"] = {k: v - before[k] for k, v in allocator_counts().items()}
+        if args.dp == 1:  # a data-parallel rank's GPU work runs in its engine process
+            allocator[f"{b}x{n}"] = {k: v - before[k] for k, v in allocator_counts().items()}
     result = {
         "vllm_file": vllm.__file__,
+        **parallel_setup(llm),
         "start_s": started,
         "decode_ms": decode,
         "prefill_ms": prefill,
@@ -165,7 +172,7 @@ def child_check(args: argparse.Namespace) -> dict:
         args.model,
         False,
         [1, 2, 4, 8, 16],
-        args.tp,
+        args,
         load_format="auto",
         max_num_seqs=16,
         max_model_len=2048,
@@ -216,7 +223,22 @@ def child_check(args: argparse.Namespace) -> dict:
             ]
         )
     # Batch 1 (the decode graph of one sequence), then all prompts together.
-    return {"single": run(ps[:1]), "batch": run(ps), "forced": forced}
+    return {"single": run(ps[:1]), "batch": run(ps), "forced": forced, **parallel_setup(llm)}
+
+
+def parallel_setup(llm) -> dict:
+    """How the engine spread the model: sizes, expert parallelism and the
+    all-to-all backend vLLM picked (with expert parallelism)."""
+    pc = llm.llm_engine.vllm_config.parallel_config
+    return {
+        "parallel": {
+            "tp": pc.tensor_parallel_size,
+            "dp": pc.data_parallel_size,
+            "dp_rank": pc.data_parallel_rank,
+            "expert_parallel": pc.enable_expert_parallel,
+            "all2all_backend": pc.all2all_backend if pc.enable_expert_parallel else None,
+        }
+    }
 
 
 def child_main(args: argparse.Namespace) -> int:

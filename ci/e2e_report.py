@@ -278,6 +278,44 @@ def compare_generations(base: list[dict], patched: list[dict], tie: float) -> di
     }
 
 
+def parallel_table(checks: list[dict], tie: float) -> str:
+    """Each tree's multi-GPU check (a model label with " tp2" or " dp2ep")
+    against the same tree's one-GPU check of that model, by the same rule as
+    base against patched (the one-GPU run in base's place). Empty when there
+    is no such pair."""
+    single = {c["model"]: c for c in checks if " " not in c["model"] and "outputs" in c}
+    rows = []
+    for c in checks:
+        model, _, setup = c["model"].partition(" ")
+        if not setup or model not in single or "outputs" not in c:
+            continue
+        for tree in ("base", "patched"):
+            one, many = single[model]["outputs"][tree], c["outputs"][tree]
+            if one.get("error") or many.get("error"):
+                continue
+            v = compare_generations(
+                one["single"] + one["batch"], many["single"] + many["batch"], tie
+            )
+            if v["tokens_identical"]:
+                same = "identical"
+            else:
+                worst = max(f["margin"] for f in v["flips"])
+                same = f"{len(v['flips'])} of {v['sequences']} diverge (largest margin {worst:.3f})"
+            setup_run = many.get("parallel", {})
+            backend = setup_run.get("all2all_backend") or "–"
+            rows.append(
+                f"| {model} | {setup} | {backend} | {tree} | {same} "
+                f"| {v['max_logprob_diff']:.4f} | {'yes' if v['near_ties_only'] else 'NO'} |"
+            )
+    if not rows:
+        return ""
+    head = (
+        "| model | setup | all-to-all | tree | greedy tokens, one GPU vs this setup "
+        "| max abs Δ top-5 logprob | near ties only |\n|---|---|---|---|---|---:|---|\n"
+    )
+    return head + "\n".join(rows) + "\n"
+
+
 def reference_error(forced: list[list[dict]], ref_logprobs: list[list[float]]) -> tuple:
     """Teacher-forced scores of one tree against the fp32 reference.
 

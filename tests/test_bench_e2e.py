@@ -410,3 +410,94 @@ def test_device_stops_on_a_missing_candidate_before_unpacking(tmp_path):
         bench_e2e.main(
             ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--apply", "nope.patch"]
         )
+
+
+def test_parallel_labels_and_rank_environment():
+    assert bench_e2e.parallel_label(1, 1) == ""
+    assert bench_e2e.parallel_label(2, 1) == " tp2"
+    assert bench_e2e.parallel_label(1, 2) == " dp2ep"
+    assert bench_e2e.parallel_label(2, 2) == " tp2 dp2ep"
+    env = bench_e2e.rank_env(1, 2, 29500)
+    assert env["VLLM_DP_RANK"] == env["VLLM_DP_RANK_LOCAL"] == "1"
+    assert env["VLLM_DP_SIZE"] == "2" and env["VLLM_DP_MASTER_PORT"] == "29500"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def _driver(tmp_path, dp, rank_script):
+    """A Driver without a bundle whose processes run ``rank_script``."""
+    import argparse
+    import subprocess
+
+    d = object.__new__(bench_e2e.Driver)
+    d.args = argparse.Namespace(dp=dp, budget=60)
+    d.t0 = __import__("time").monotonic()
+    d.envs = []
+
+    def spawn(tree, cmd, extra_env=None):
+        d.envs.append(extra_env or {})
+        env = dict(__import__("os").environ, **(extra_env or {}))
+        return subprocess.Popen([sys.executable, "-c", rank_script, cmd[-1]], env=env)
+
+    d.spawn = spawn
+    return d
+
+
+def test_data_parallel_measurement_starts_one_process_per_rank(tmp_path):
+    script = (
+        "import json, os, sys\n"
+        "rank = os.environ.get('VLLM_DP_RANK', '0')\n"
+        "json.dump({'rank': rank, 'port': os.environ.get('VLLM_DP_MASTER_PORT')},"
+        " open(sys.argv[1], 'w'))\n"
+    )
+    d = _driver(tmp_path, 2, script)
+    started = d.start("base", ["child"], tmp_path / "time-0.json")
+    assert [path.name for _, path in started] == ["time-0-rank0.json", "time-0-rank1.json"]
+    rec = d.collect(started)
+    assert rec["rank"] == "0" and "error" not in rec
+    # both ranks share one master port
+    assert d.envs[0]["VLLM_DP_MASTER_PORT"] == d.envs[1]["VLLM_DP_MASTER_PORT"] == rec["port"]
+    one = _driver(tmp_path, 1, script)
+    (only,) = one.start("base", ["child"], tmp_path / "time-1.json")
+    assert only[1].name == "time-1.json" and one.envs == [{}]
+    assert one.collect([only])["rank"] == "0"
+
+
+def test_a_failed_rank_fails_the_measurement(tmp_path):
+    script = (
+        "import json, os, sys\n"
+        "if os.environ['VLLM_DP_RANK'] == '1': sys.exit(3)\n"
+        "json.dump({'rank': 0}, open(sys.argv[1], 'w'))\n"
+    )
+    d = _driver(tmp_path, 2, script)
+    rec = d.collect(d.start("patched", ["child"], tmp_path / "check.json"))
+    assert rec["error"] == "rank 1: process exited 3 without a result"
+
+
+def test_device_refuses_profile_with_data_parallel(tmp_path):
+    with pytest.raises(SystemExit, match="--profile needs one engine process"):
+        bench_e2e.main(
+            ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--dp", "2", "--profile"]
+        )
+
+
+def test_parallel_table_compares_each_tree_with_its_one_gpu_run():
+    def outs(base_tokens, patched_tokens, backend=None):
+        def one(tokens):
+            return {
+                "single": [gen(tokens, [{t: -1.0, 9: -1.02} for t in tokens])],
+                "batch": [],
+                "parallel": {"all2all_backend": backend},
+            }
+
+        return {"base": one(base_tokens), "patched": one(patched_tokens)}
+
+    checks = [
+        {"model": "a2.7b", "outputs": outs([5, 6], [5, 6])},
+        {"model": "a2.7b dp2ep", "outputs": outs([5, 6], [9, 6], "allgather_reducescatter")},
+        {"model": "30b-a3b tp2", "outputs": outs([1], [1])},  # no one-GPU check: no row
+    ]
+    table = e2e_report.parallel_table(checks, tie=0.1)
+    assert "| a2.7b | dp2ep | allgather_reducescatter | base | identical | 0.0000 | yes |" in table
+    assert "| a2.7b | dp2ep | allgather_reducescatter | patched | 1 of 1 diverge" in table
+    assert "30b-a3b" not in table
+    assert e2e_report.parallel_table(checks[:1], tie=0.1) == ""
