@@ -229,13 +229,8 @@ def check_table(checks: list[dict]) -> str:
                 f"| {c['max_logprob_diff']:.4f} | – | – | not judged (no fp32 reference) |"
             )
             continue
-        if c["tokens_identical"]:
-            same = "identical"
-        else:
-            flips = c["flips"]
-            worst = max(f["margin"] for f in flips)
-            same = f"{len(flips)} of {c['sequences']} diverge (largest base margin {worst:.3f}"
-            same += f", near tie ≤ {c['tie']:.3f})" if "tie" in c else ")"
+        tie = f", near tie ≤ {c['tie']:.3f}" if "tie" in c else ""
+        same = divergence(c, "largest base margin", tie)
         err = f"{c['ref_error']['base']:.4f} / {c['ref_error']['patched']:.4f}"
         top1 = f"{c['ref_top1']['base']:.3f} / {c['ref_top1']['patched']:.3f}"
         lines.append(
@@ -243,6 +238,15 @@ def check_table(checks: list[dict]) -> str:
             f"| {err} | {top1} | {'pass' if c['passed'] else 'FAIL'} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def divergence(verdict: dict, margin: str, note: str = "") -> str:
+    """How ``compare_generations``' outputs differ, in words for a table."""
+    if verdict["tokens_identical"]:
+        return "identical"
+    worst = max(f["margin"] for f in verdict["flips"])
+    flips = len(verdict["flips"])
+    return f"{flips} of {verdict['sequences']} diverge ({margin} {worst:.3f}{note})"
 
 
 def compare_generations(base: list[dict], patched: list[dict], tie: float) -> dict:
@@ -296,11 +300,7 @@ def parallel_table(checks: list[dict], tie: float) -> str:
             v = compare_generations(
                 one["single"] + one["batch"], many["single"] + many["batch"], tie
             )
-            if v["tokens_identical"]:
-                same = "identical"
-            else:
-                worst = max(f["margin"] for f in v["flips"])
-                same = f"{len(v['flips'])} of {v['sequences']} diverge (largest margin {worst:.3f})"
+            same = divergence(v, "largest margin")
             setup_run = many.get("parallel", {})
             backend = setup_run.get("all2all_backend") or "–"
             rows.append(
