@@ -13,7 +13,8 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
   minus a 1-token one) / T, T = 128, prompts of 32 tokens;
 * prefill ms of 1 x 2,048 and 4 x 2,048 prompt tokens (one engine step);
 * ``--modes eager`` adds the same without CUDA graphs, where host cost shows;
-* ``--profile``: GPU time per kernel of one 1 x 2,048 prefill per process;
+* ``--profile``: GPU time per kernel of one 1 x 2,048 prefill and of one
+  decode step at batch 1 and 8 per process;
 * ``--apply PATCH``: the patched tree also carries a candidate patch, applied
   on the device, so a patch is judged end to end before it joins the series;
 * ``--tp N``: every engine at tensor parallel N; ``--dp N``: data parallel N
@@ -437,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--profile",
         action="store_true",
-        help="also profile one 1 x 2,048 prefill per process: GPU time per kernel",
+        help="also profile one 1 x 2,048 prefill and one decode step at batch 1 and 8 "
+        "per process: GPU time per kernel",
     )
     d.add_argument(
         "--tp", type=int, default=1, help="tensor parallel size of every engine (default 1)"

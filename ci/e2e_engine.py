@@ -4,7 +4,8 @@
 ``child_time`` measures decode and prefill on dummy weights, ``child_check``
 generates greedy tokens with logprobs on a real checkpoint and scores the fp32
 reference's continuation teacher-forced, ``profile_step`` gives one step's GPU
-time per kernel and its largest host events.
+time per kernel and its largest host events, ``profile_decode`` the same per
+decode step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from e2e_models import MODELS
 PREFILLS = ((1, 2048), (4, 2048))
 DECODE_TOKENS = 128
 PROMPT_LEN = 32
+PROFILE_DECODE_BATCHES = (1, 8)
+PROFILE_DECODE_STEPS = 16
 CHECK_TOKENS = 32
 SEED = 20261130
 
@@ -128,6 +131,11 @@ def child_time(args: argparse.Namespace) -> dict:
         b, n = PREFILLS[0]
         result["profile"] = profile_step(lambda: timed(prompts(b, n, SEED + 7 * b), 1))
         result["profile"]["step"] = f"prefill {b}x{n}"
+        result["decode_profiles"] = {
+            str(b): profile_decode(timed, prompts(b, PROMPT_LEN, SEED + b), b)
+            for b in PROFILE_DECODE_BATCHES
+            if b in batches
+        }
     return result
 
 
@@ -162,6 +170,31 @@ def profile_step(step, top_host: int = 40) -> dict:
             host[evt.key] = {"count": evt.count, "us": evt.self_cpu_time_total}
     kept = sorted(host, key=lambda k: -host[k]["us"])[:top_host]
     return {"wall_ms": wall_ms, "kernels": kernels, "host": {k: host[k] for k in kept}}
+
+
+def profile_decode(timed, ps: list[dict], batch: int) -> dict:
+    """``profile_step`` of one decode step at this batch: a profile of the
+    prefill plus PROFILE_DECODE_STEPS decode steps, less one of the prefill
+    alone, per step (kernel counts too), so the prompt's own kernels cancel."""
+    one = profile_step(lambda: timed(ps, 1))
+    many = profile_step(lambda: timed(ps, 1 + PROFILE_DECODE_STEPS))
+
+    def per_step(section: str) -> dict:
+        out = {}
+        for name, evt in many[section].items():
+            less = one[section].get(name, {"count": 0, "us": 0.0})
+            us = (evt["us"] - less["us"]) / PROFILE_DECODE_STEPS
+            if us > 0:
+                count = (evt["count"] - less["count"]) / PROFILE_DECODE_STEPS
+                out[name] = {"count": count, "us": us}
+        return out
+
+    return {
+        "step": f"decode batch {batch}, per step",
+        "wall_ms": (many["wall_ms"] - one["wall_ms"]) / PROFILE_DECODE_STEPS,
+        "kernels": per_step("kernels"),
+        "host": per_step("host"),
+    }
 
 
 def child_check(args: argparse.Namespace) -> dict:

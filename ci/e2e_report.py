@@ -56,10 +56,14 @@ def profile_table(records: list[dict], top: int = 15) -> str:
     the host events (self CPU time) the same way."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
-        if "profile" in rec and not rec.get("error"):
-            groups[(rec["model"], rec["mode"], rec["profile"].get("step", ""))][rec["tree"]].append(
-                rec["profile"]
-            )
+        if rec.get("error"):
+            continue
+        steps = [rec["profile"]] if "profile" in rec else []
+        steps += [
+            rec["decode_profiles"][b] for b in sorted(rec.get("decode_profiles", {}), key=int)
+        ]
+        for prof in steps:
+            groups[(rec["model"], rec["mode"], prof.get("step", ""))][rec["tree"]].append(prof)
     out = []
     for (model, mode, step), trees in sorted(groups.items()):
         for section, column, what in (

@@ -326,6 +326,49 @@ def test_profile_table_has_a_host_section_ordered_by_difference():
     ]
 
 
+def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkeypatch):
+    import e2e_engine
+
+    def fake_profile(step):
+        tokens = step()  # the fake ``timed`` returns its token count
+        decode = tokens - 1
+        kernels = {"prompt_attention": {"count": 24, "us": 300.0}}
+        if decode:
+            kernels["fused_moe_kernel"] = {"count": 48 * decode, "us": 60.0 * decode}
+        host = {"cudaGraphLaunch": {"count": decode, "us": 5.0 * decode}}
+        return {"wall_ms": 1.0 + 2.5 * decode, "kernels": kernels, "host": host}
+
+    monkeypatch.setattr(e2e_engine, "profile_step", fake_profile)
+    prof = e2e_engine.profile_decode(lambda ps, n: n, [], 8)
+    assert prof["step"] == "decode batch 8, per step"
+    assert prof["wall_ms"] == pytest.approx(2.5)
+    # the prompt's kernel cancels; the decode kernel is per step
+    assert prof["kernels"] == {"fused_moe_kernel": {"count": 48.0, "us": 60.0}}
+    assert prof["host"] == {"cudaGraphLaunch": {"count": 1.0, "us": 5.0}}
+
+
+def test_profile_table_has_a_section_per_decode_batch_after_the_prefill():
+    def prof(tree, us):
+        step = {"wall_ms": 2.0, "kernels": {"fused_moe_kernel": {"count": 48, "us": us}}}
+        return {
+            **record(tree),
+            "profile": {**step, "step": "prefill 1x2048"},
+            "decode_profiles": {
+                "8": {**step, "step": "decode batch 8, per step"},
+                "1": {**step, "step": "decode batch 1, per step"},
+            },
+        }
+
+    table = e2e_report.profile_table([prof("base", 40.0), prof("patched", 30.0)])
+    heads = [line for line in table.splitlines() if line.startswith("a2.7b graph")]
+    assert [h.split(": ")[0] for h in heads] == [
+        "a2.7b graph, decode batch 1, per step",
+        "a2.7b graph, decode batch 8, per step",
+        "a2.7b graph, prefill 1x2048",
+    ]
+    assert "| `fused_moe_kernel` | 40.0 | 30.0 | -10.0 |" in table
+
+
 def test_allocator_table_lists_each_process_and_prefill_shape_in_order():
     def rec(tree, seq, allocs):
         counts = {"num_device_alloc": allocs, "num_device_free": allocs, "num_alloc_retries": 0}
