@@ -335,11 +335,11 @@ def device_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def diagnostics(records: list[dict]) -> str:
+def diagnostics(records: list[dict], profile_top: int = 15) -> str:
     """The kernel/host profile and allocator tables, where the records have them."""
     text = ""
     if any("profile" in r for r in records):
-        text += "\n" + e2e_report.profile_table(records)
+        text += "\n" + e2e_report.profile_table(records, profile_top)
     if any(r.get("prefill_allocator") for r in records):
         text += "\n" + e2e_report.allocator_table(records)
     return text
@@ -374,7 +374,7 @@ def report_main(args: argparse.Namespace) -> int:
     records = [r for raw in raws for r in raw["records"]]
     checks = [rejudge(c, args.tie, args.slack) for raw in raws for c in raw["checks"]]
     rows = e2e_report.summarize(records)
-    text = candidates(raws) + e2e_report.table(rows) + diagnostics(records)
+    text = candidates(raws) + e2e_report.table(rows) + diagnostics(records, args.profile_top)
     if checks:
         text += "\n" + e2e_report.check_table(checks)
         across = e2e_report.parallel_table(checks, args.tie)
@@ -485,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--md", help="write the Markdown tables here")
     r.add_argument("--json", help="write the summary JSON here")
     r.add_argument("--png", help="write the decode ratio plot here")
+    r.add_argument(
+        "--profile-top",
+        type=int,
+        default=15,
+        help="kernels and host events per profile table, the largest differences first",
+    )
     add_judge_arguments(r)
 
     args = p.parse_args(argv)

@@ -226,6 +226,21 @@ def test_report_writes_markdown_json_and_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("top,expected", [(None, 15), (3, 3)])
+def test_report_profile_top_sets_the_kernels_per_table(tmp_path, top, expected):
+    kernels = {f"kernel_{i:02d}": {"count": 24, "us": 10.0 + i} for i in range(20)}
+    prof = {"step": "decode batch 1, per step", "wall_ms": 1.0, "kernels": kernels}
+    records = [{**record(t, b1=[1.0]), "profile": prof} for t in ("base", "patched")]
+    raw = {"records": records, "checks": []}
+    path, md = tmp_path / "raw.json", tmp_path / "e.md"
+    path.write_text(json.dumps(raw))
+    args = ["report", str(path), "--md", str(md)]
+    args += [] if top is None else ["--profile-top", str(top)]
+    assert bench_e2e.main(args) == 0
+    listed = [line for line in md.read_text().splitlines() if line.startswith("| `kernel_")]
+    assert len(listed) == expected
+
+
 @pytest.mark.parametrize("name", list(e2e_models.MODELS))
 def test_model_configs_match_the_published_dimensions(name, tmp_path):
     spec = e2e_models.MODELS[name]
