@@ -6,7 +6,7 @@
 #
 # Usage (from the repo root, in a device `run` with carry [".device/bundle"]):
 #   bash ci/device_test.sh [--runs base,patched] [--name gpu] [--budget 540] \
-#        [--bundle .device/bundle] [-- <apply.py test options>]
+#        [--bundle .device/bundle] [--apply PATCH ...] [-- <apply.py test options>]
 # Options after `--` go to `python3 -m moepatch.testing` (e.g. --patch NAME,
 # --all-moe, --test tests/kernels/moe/test_moe.py, --skip-test FILE, -k EXPR, -n 8).
 # Default selection: every patch's tests; unless -n is given, `-n 14` with
@@ -14,18 +14,24 @@
 # then do not queue behind one worker): a whole tree in about 4.5 min.
 # The time budget (seconds, default 540) is split evenly over the runs, each
 # run interrupted at its share so its partial results still come back.
+# --apply PATCH (repeatable, in order) applies a candidate patch to the patched
+# tree before its run, as ci/bench_e2e.py --apply does for the engine, so a
+# candidate's tests run on the GPU before it joins the series.
 set -uo pipefail
 
 BUNDLE=.device/bundle
 RUNS=patched
 NAME=gpu
 BUDGET=540
+APPLY=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --runs) RUNS="$2"; shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --bundle) BUNDLE="$2"; shift 2 ;;
+    --apply) [[ -f "$2" ]] || { echo "device_test.sh: no patch $2" >&2; exit 2; }
+             APPLY+=("$(realpath "$2")"); shift 2 ;;
     --) shift; break ;;
     *) echo "device_test.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -63,6 +69,11 @@ make_tree() {  # $1 = base|patched
   if [[ $1 == patched ]]; then
     tar -xJf "$BUNDLE/trees/patched.tar.xz" -C "$dst" || return 1
     while IFS= read -r p; do [[ -n "$p" ]] && rm -f "$dst/$p"; done < "$BUNDLE/trees/patched.deleted"
+    for patch in ${APPLY[@]+"${APPLY[@]}"}; do
+      (cd "$dst" && git apply --whitespace=nowarn "$patch") \
+        || { echo "device_test.sh: $patch does not apply to the patched tree"; return 1; }
+      echo "applied $(basename "$patch") ($(sha256sum "$patch" | cut -c1-12)) to the patched tree"
+    done
   fi
   cp /tmp/so/vllm/*.so "$dst/vllm/"
   cp -r /tmp/so/*.dist-info "$dst/" 2>/dev/null || true
@@ -97,8 +108,12 @@ for run in "${RUNLIST[@]}"; do
   NRUNS=$(( NRUNS - 1 ))
   echo "=== $run: time limit ${share}s"
   rev=$(python3 -c 'import json, sys; t = json.load(open(sys.argv[1]))["trees"]; print(t["base_rev" if sys.argv[2] == "base" else "head_rev"][:12])' "$BUNDLE/MANIFEST.json" "$run")
+  label="$run $rev"
+  if [[ $run == patched && ${#APPLY[@]} -gt 0 ]]; then
+    label+=" + $(for p in "${APPLY[@]}"; do basename "$p"; done | paste -sd ' ')"
+  fi
   python3 -m moepatch.testing --device cuda --precompiled none \
-    --selection "$BUNDLE/selection.json" --tree "/tmp/trees/$run" --label "$run $rev" \
+    --selection "$BUNDLE/selection.json" --tree "/tmp/trees/$run" --label "$label" \
     --time-limit "$share" --junit "$OUT/$NAME-$run.xml" --json "$OUT/$NAME-$run.json" \
     --table "$OUT/$NAME-$run-table.txt" "${EXTRA[@]}"
   r=$?
