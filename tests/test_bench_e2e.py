@@ -559,3 +559,45 @@ def test_parallel_table_compares_each_tree_with_its_one_gpu_run():
     assert "| a2.7b | dp2ep | allgather_reducescatter | patched | 1 of 1 diverge" in table
     assert "30b-a3b" not in table
     assert e2e_report.parallel_table(checks[:1], tie=0.1) == ""
+
+
+@pytest.mark.parametrize(
+    "left,need,opens_pair,expected",
+    [(100, 50, True, True), (99, 50, True, False), (50, 50, False, True), (49, 50, False, False)],
+)
+def test_a_process_that_opens_a_pair_needs_time_for_both(left, need, opens_pair, expected):
+    assert bench_e2e.fits_budget(left, need, opens_pair) is expected
+
+
+@pytest.mark.parametrize(
+    "budget,trees",
+    [
+        (200, ["base", "patched", "patched", "base"]),
+        (100, ["base", "patched"]),  # the second pair would not finish
+        (90, []),  # not even one pair: nothing runs, rather than base alone
+    ],
+)
+def test_time_models_starts_no_process_it_cannot_pair(tmp_path, monkeypatch, budget, trees):
+    import argparse
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_e2e.time, "monotonic", lambda: clock[0])
+    d = object.__new__(bench_e2e.Driver)
+    d.args = argparse.Namespace(
+        models="a2.7b:2", modes="graph", procs=2, eager_procs=0, budget=budget,
+        first_estimate=50, batches="1", eager_batches="1", reps=1, prefill_reps=1,
+        profile=False, tp=1, dp=1,
+    )  # fmt: skip
+    d.t0, d.work, d.out, d.durations = 0.0, tmp_path, tmp_path, {}
+    d.raw = {"records": [], "skipped": []}
+    monkeypatch.setattr(e2e_models, "write_config", lambda *a: None)
+    d.start = lambda tree, cmd, res: tree
+
+    def collect(tree):
+        clock[0] += 40  # every process takes 40 s
+        return {}
+
+    d.collect = collect
+    d.time_models()
+    assert [r["tree"] for r in d.raw["records"]] == trees
+    assert len(d.raw["skipped"]) == 4 - len(trees)
