@@ -112,6 +112,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def nccl_for_all_to_all(trees: list[Path]) -> dict:
+    """Data parallel with expert parallel moves tokens through vLLM's own NCCL
+    communicator, which vLLM 0.33.0 disables on an NCCL without
+    ncclCommSuspend (older than 2.29.7, as torch's on the GPU machine). There
+    both trees get the same loader fix (``skip_missing_nccl_suspend``); the
+    raw file records the library and whether the fix was applied."""
+    from device_harness import nccl_library, skip_missing_nccl_suspend
+
+    info = nccl_library()
+    info["suspend_skipped"] = "version" in info and not info["suspend"]
+    if info["suspend_skipped"]:
+        skip_missing_nccl_suspend(trees)
+    log(f"NCCL {info}")
+    return info
+
+
 def apply_candidate(patch: Path, tree: Path) -> dict:
     """Apply a candidate patch (not yet in the series) to the patched tree, so
     the engine judges it on top of the series; raises if it does not apply."""
@@ -191,6 +207,8 @@ class Driver:
             "skipped": [],
         }
         self.raw["applied"] = [apply_candidate(Path(c), patched) for c in args.apply]
+        if args.dp > 1:
+            self.raw["nccl"] = nccl_for_all_to_all([base, patched])
         self.durations: dict[tuple, float] = {}
         log(f"unpacked in {time.monotonic() - self.t0:.0f} s")
 
@@ -201,7 +219,7 @@ class Driver:
         (self.out / "e2e-raw.json").write_text(json.dumps(self.raw, indent=1))
 
     def spawn(self, tree: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
-        env = dict(os.environ, **ENGINE_ENV, **(extra_env or {}))
+        env = {**os.environ, **ENGINE_ENV, **(extra_env or {})}
         env["PYTHONPATH"] = os.pathsep.join([str(self.trees[tree]), str(self.site)])
         # The child writes through its own copy of the descriptor, so this
         # process closes its handle as soon as the child has started.
@@ -386,11 +404,18 @@ def report_main(args: argparse.Namespace) -> int:
     raws = [json.loads(read_raw(Path(p))) for p in args.raw]
     records = [r for raw in raws for r in raw["records"]]
     checks = [rejudge(c, args.tie, args.slack) for raw in raws for c in raw["checks"]]
+    one_gpu = [
+        rejudge(c, args.tie, args.slack)
+        for path in args.one_gpu
+        for c in json.loads(read_raw(Path(path)))["checks"]
+        if " " not in c["model"]
+    ]
     rows = e2e_report.summarize(records)
     text = candidates(raws) + e2e_report.table(rows) + diagnostics(records, args.profile_top)
     if checks:
         text += "\n" + e2e_report.check_table(checks)
-        across = e2e_report.parallel_table(checks, args.tie)
+        # a one-GPU check among the raw files stands before one from --one-gpu
+        across = e2e_report.parallel_table(one_gpu + checks, args.tie)
         text += "\n" + across if across else ""
     print(text)
     if args.md:
@@ -401,6 +426,7 @@ def report_main(args: argparse.Namespace) -> int:
                 {k: raw.get(k) for k in ("bundle", "applied", "versions", "wall_s", "skipped")}
                 for raw in raws
             ],
+            "one_gpu_checks_from": args.one_gpu,
             "rows": rows,
             # the per-token outputs and the fp32 reference stay in the raw files
             "checks": [{k: v for k, v in c.items() if k not in ("ref", "outputs")} for c in checks],
@@ -498,6 +524,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--md", help="write the Markdown tables here")
     r.add_argument("--json", help="write the summary JSON here")
     r.add_argument("--png", help="write the decode ratio plot here")
+    r.add_argument(
+        "--one-gpu",
+        nargs="+",
+        default=[],
+        metavar="RAW",
+        help="raw files of one-GPU checks that the multi-GPU checks are compared with, per "
+        "tree, when the raw files given have none (nothing else of them is reported)",
+    )
     r.add_argument(
         "--profile-top",
         type=int,

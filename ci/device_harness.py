@@ -7,8 +7,10 @@ only) and the dependency wheels. ``unpack_bundle`` makes ``<work>/base`` and
 (``unpack_trees`` and ``install_wheels`` do each half; ``find_trees`` takes
 a bundle or two ready trees, as the benchmarks' options do); ``tree_digest``
 identifies a tree's Python and Triton sources; ``versions`` records the
-software and the GPU a result came from. Used by ``ci/bench_layers.py``,
-``ci/bench_gate.py`` and ``ci/device_race.sh``.
+software and the GPU a result came from; ``nccl_library`` and
+``skip_missing_nccl_suspend`` let vLLM's own NCCL communicator load on the
+GPU machine's older NCCL. Used by ``ci/bench_layers.py``, ``ci/bench_gate.py``,
+``ci/bench_e2e.py`` and ``ci/device_race.sh``.
 """
 
 from __future__ import annotations
@@ -166,3 +168,44 @@ def versions() -> dict:
             timeout=20,
         ).stdout.strip()
     return out
+
+
+#: vLLM 0.33.0's NCCL loader (``pynccl_wrapper.py``) needs ncclCommSuspend and
+#: ncclCommResume on CUDA, which NCCL exports from 2.29.7 on, although it calls
+#: them only after ``has_symbol()``; on ROCm it already skips them when absent.
+NCCL_WRAPPER = "vllm/distributed/device_communicators/pynccl_wrapper.py"
+_SUSPEND_BRANCH = '                    elif func.name in ("ncclCommSuspend", "ncclCommResume"):\n'
+_ROCM_ONLY_SKIP = (
+    "                        if current_platform.is_rocm():\n                            continue\n"
+)
+_ALWAYS_SKIP = "                        continue\n"
+
+
+def nccl_library() -> dict:
+    """The NCCL that vLLM loads here (``libnccl.so.2``, already mapped by
+    torch): its version and whether it exports ncclCommSuspend."""
+    import ctypes
+
+    import torch  # noqa: F401  (maps torch's NCCL, so the soname resolves)
+
+    try:
+        lib = ctypes.CDLL("libnccl.so.2")
+    except OSError as e:
+        return {"error": str(e)}
+    code = ctypes.c_int()
+    lib.ncclGetVersion(ctypes.byref(code))
+    major, minor, patch = code.value // 10000, code.value // 100 % 100, code.value % 100
+    return {"version": f"{major}.{minor}.{patch}", "suspend": hasattr(lib, "ncclCommSuspend")}
+
+
+def skip_missing_nccl_suspend(trees: list[Path]) -> None:
+    """Let each tree's NCCL loader skip ncclCommSuspend/Resume when the library
+    lacks them, on CUDA as on ROCm. Without this, an NCCL older than 2.29.7
+    disables vLLM's NCCL communicator, which the all-to-all of data parallel
+    with expert parallel needs. Only sleep mode calls the two functions."""
+    for tree in trees:
+        path = tree / NCCL_WRAPPER
+        head, branch, tail = path.read_text().partition(_SUSPEND_BRANCH)
+        if not branch or _ROCM_ONLY_SKIP not in tail.partition("                    raise\n")[0]:
+            raise RuntimeError(f"{path}: ncclCommSuspend branch not as in vLLM 0.33.0")
+        path.write_text(head + branch + tail.replace(_ROCM_ONLY_SKIP, _ALWAYS_SKIP, 1))

@@ -601,3 +601,82 @@ def test_time_models_starts_no_process_it_cannot_pair(tmp_path, monkeypatch, bud
     d.time_models()
     assert [r["tree"] for r in d.raw["records"]] == trees
     assert len(d.raw["skipped"]) == 4 - len(trees)
+
+
+def test_report_compares_multi_gpu_checks_with_one_gpu_raw_files(tmp_path):
+    def outs(tokens, backend=None):
+        one = {
+            "single": [gen(tokens, [{t: -1.0, 9: -1.5} for t in tokens])],
+            "batch": [],
+            "forced": forced([-1.0], [1]),
+            "parallel": {"all2all_backend": backend},
+        }
+        return {"base": one, "patched": one}
+
+    ref = {"layers": 4, "ref_logprobs": [[-1.0]]}
+    single = {"model": "a2.7b", "ref": ref, "outputs": outs([5])}
+    one_gpu = tmp_path / "one.json"
+    one_gpu.write_text(json.dumps({"records": [record("base", b1=2.0)], "checks": [single]}))
+    multi = tmp_path / "multi.json"
+    dp = {"model": "a2.7b dp2ep", "ref": ref, "outputs": outs([5], "allgather_reducescatter")}
+    multi.write_text(json.dumps({"records": [], "checks": [dp]}))
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    args = ["report", str(multi), "--md", str(md), "--json", str(js)]
+    assert bench_e2e.main(args) == 0
+    assert "one GPU vs this setup" not in md.read_text()
+    assert bench_e2e.main([*args, "--one-gpu", str(one_gpu)]) == 0
+    text = md.read_text()
+    assert "| a2.7b | dp2ep | allgather_reducescatter | base | identical |" in text
+    # only the comparison uses the one-GPU file: its check and timing are not reported
+    assert "| a2.7b | 4 |" not in text and "| a2.7b | graph |" not in text
+    assert json.loads(js.read_text())["one_gpu_checks_from"] == [str(one_gpu)]
+
+
+def test_spawn_gives_a_rank_its_environment_over_the_engine_defaults(tmp_path, monkeypatch):
+    """A data-parallel rank overrides VLLM_ENABLE_V1_MULTIPROCESSING, which the
+    engine defaults also set; both must reach the child, the rank's winning."""
+    import argparse
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "keys = ('VLLM_ENABLE_V1_MULTIPROCESSING', 'VLLM_DP_RANK', 'NCCL_NVLS_ENABLE',"
+        " 'PYTHONPATH')\n"
+        "json.dump({k: os.environ.get(k) for k in keys}, open(sys.argv[-1], 'w'))\n"
+    )
+    monkeypatch.setattr(bench_e2e, "__file__", str(script))
+    d = object.__new__(bench_e2e.Driver)
+    d.args = argparse.Namespace(dp=2, budget=60)
+    d.out, d.work, d.site = tmp_path, tmp_path, tmp_path / "site"
+    d.trees = {"base": tmp_path / "base"}
+    d.t0 = __import__("time").monotonic()
+    rec = d.collect(d.start("base", [], tmp_path / "env.json"))
+    assert rec["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and rec["VLLM_DP_RANK"] == "0"
+    assert rec["NCCL_NVLS_ENABLE"] == "0"
+    assert rec["PYTHONPATH"].split(":") == [str(tmp_path / "base"), str(tmp_path / "site")]
+    assert json.loads((tmp_path / "env-rank1.json").read_text())["VLLM_DP_RANK"] == "1"
+
+
+@pytest.mark.parametrize("suspend,fixed", [(False, True), (True, False)])
+def test_nccl_loader_fix_only_where_the_library_lacks_suspend(monkeypatch, suspend, fixed):
+    import device_harness
+
+    calls = []
+    monkeypatch.setattr(
+        device_harness, "nccl_library", lambda: {"version": "2.28.9", "suspend": suspend}
+    )
+    monkeypatch.setattr(device_harness, "skip_missing_nccl_suspend", calls.append)
+    info = bench_e2e.nccl_for_all_to_all([Path("base"), Path("patched")])
+    assert info["suspend_skipped"] is fixed
+    assert calls == ([[Path("base"), Path("patched")]] if fixed else [])
+
+
+def test_nccl_loader_fix_refuses_a_loader_it_does_not_know(tmp_path):
+    import device_harness
+
+    path = tmp_path / device_harness.NCCL_WRAPPER
+    path.parent.mkdir(parents=True)
+    path.write_text("class NCCLLibrary:\n    pass\n")
+    with pytest.raises(RuntimeError, match="pynccl_wrapper.py: ncclCommSuspend branch not as"):
+        device_harness.skip_missing_nccl_suspend([tmp_path])
+    assert path.read_text() == "class NCCLLibrary:\n    pass\n"

@@ -116,6 +116,39 @@ def test_patched_tree_passes_its_cpu_tests(built, tmp_path):
         assert rows[patch.name]["passed"] > 0, patch.name
 
 
+def test_nccl_loader_fix_changes_only_the_suspend_branch(built, tmp_path):
+    """The GPU harness's fix for an NCCL without ncclCommSuspend (ci/device_harness.py)
+    on the real release's loader: the branch skips the two functions on CUDA too,
+    nothing else changes, and the module still parses."""
+    import ast
+    import difflib
+
+    sys.path.insert(0, str(ROOT / "ci"))
+    import device_harness
+
+    _, _, target, _ = built
+    copy = tmp_path / device_harness.NCCL_WRAPPER
+    copy.parent.mkdir(parents=True)
+    before = (target / device_harness.NCCL_WRAPPER).read_text()
+    copy.write_text(before)
+    device_harness.skip_missing_nccl_suspend([tmp_path])
+    after = copy.read_text()
+    ast.parse(after)
+    changed = [
+        line
+        for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert changed == [
+        "-                        if current_platform.is_rocm():",
+        "-                            continue",
+        "+                        continue",
+    ]
+    suspend = after.index('elif func.name in ("ncclCommSuspend", "ncclCommResume"):')
+    skip = after.index("                        continue\n", suspend)
+    assert skip < after.index("raise", suspend)
+
+
 @pytest.fixture
 def scratch(tmp_path):
     """tmp_path, removed afterwards: the wheel and its installed files take ~1.2 GB."""
