@@ -6,7 +6,8 @@
 #
 # Usage (from the repo root, in a device `run` with carry [".device/bundle"]):
 #   bash ci/device_test.sh [--runs base,patched] [--name gpu] [--budget 540] \
-#        [--bundle .device/bundle] [--apply PATCH ...] [-- <apply.py test options>]
+#        [--bundle .device/bundle] [--apply PATCH ...] [--gpus 0,1] \
+#        [-- <apply.py test options>]
 # Options after `--` go to `python3 -m moepatch.testing` (e.g. --patch NAME,
 # --all-moe, --test tests/kernels/moe/test_moe.py, --skip-test FILE, -k EXPR, -n 8).
 # Default selection: every patch's tests; unless -n is given, `-n 14` with
@@ -14,6 +15,8 @@
 # then do not queue behind one worker): a whole tree in about 4.5 min.
 # The time budget (seconds, default 540) is split evenly over the runs, each
 # run interrupted at its share so its partial results still come back.
+# --gpus 0,1 (a machine with several GPUs) runs the runs at once instead, the
+# i-th run alone on the i-th GPU listed, each with the whole budget.
 # --apply PATCH (repeatable, in order) applies a candidate patch to the patched
 # tree before its run, as ci/bench_e2e.py --apply does for the engine, so a
 # candidate's tests run on the GPU before it joins the series.
@@ -24,12 +27,14 @@ RUNS=patched
 NAME=gpu
 BUDGET=540
 APPLY=()
+GPUS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --runs) RUNS="$2"; shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --bundle) BUNDLE="$2"; shift 2 ;;
+    --gpus) GPUS="$2"; shift 2 ;;
     --apply) [[ -f "$2" ]] || { echo "device_test.sh: no patch $2" >&2; exit 2; }
              APPLY+=("$(realpath "$2")"); shift 2 ;;
     --) shift; break ;;
@@ -37,6 +42,11 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 EXTRA=("$@")
+IFS=, read -ra RUNLIST <<< "$RUNS"
+IFS=, read -ra GPULIST <<< "$GPUS"
+if [[ -n $GPUS ]] && (( ${#GPULIST[@]} < ${#RUNLIST[@]} )); then
+  echo "device_test.sh: --gpus $GPUS names fewer GPUs than --runs $RUNS has runs" >&2; exit 2
+fi
 [[ " ${EXTRA[*]} " == *" -n "* ]] || EXTRA+=(-n 14 --pytest-arg=--dist=worksteal)
 OUT=${OUT:-$PWD/.device/out}
 mkdir -p "$OUT"
@@ -96,17 +106,12 @@ PY
   )
 }
 
-IFS=, read -ra RUNLIST <<< "$RUNS"
-NRUNS=${#RUNLIST[@]}
-RC=0
-for run in "${RUNLIST[@]}"; do
-  make_tree "$run" || { echo "cannot unpack the $run tree"; RC=2; continue; }
-  smoke "/tmp/trees/$run" || { echo "smoke test failed on the $run tree"; RC=2; }
-  now=$(date +%s)
-  left=$(( BUDGET - (now - START) ))
-  share=$(( left / NRUNS ))
-  NRUNS=$(( NRUNS - 1 ))
-  echo "=== $run: time limit ${share}s"
+one_run() {  # $1 = base|patched; $2 = how many runs share the budget left
+  local run=$1 share rev label r
+  make_tree "$run" || { echo "cannot unpack the $run tree"; return 2; }
+  smoke "/tmp/trees/$run" || { echo "smoke test failed on the $run tree"; return 2; }
+  share=$(( (BUDGET - ($(date +%s) - START)) / $2 ))
+  echo "=== $run: time limit ${share}s${CUDA_VISIBLE_DEVICES:+ on GPU $CUDA_VISIBLE_DEVICES}"
   rev=$(python3 -c 'import json, sys; t = json.load(open(sys.argv[1]))["trees"]; print(t["base_rev" if sys.argv[2] == "base" else "head_rev"][:12])' "$BUNDLE/MANIFEST.json" "$run")
   label="$run $rev"
   if [[ $run == patched && ${#APPLY[@]} -gt 0 ]]; then
@@ -118,8 +123,33 @@ for run in "${RUNLIST[@]}"; do
     --table "$OUT/$NAME-$run-table.txt" "${EXTRA[@]}"
   r=$?
   echo "=== $run: exit $r"
-  [[ $r -ne 0 && $RC -eq 0 ]] && RC=$r
-done
+  return $r
+}
+
+RC=0
+if [[ -n $GPUS ]]; then
+  RCDIR=$(mktemp -d)
+  PIDS=()
+  for i in "${!RUNLIST[@]}"; do
+    run=${RUNLIST[$i]}
+    { CUDA_VISIBLE_DEVICES=${GPULIST[$i]} one_run "$run" 1; echo $? > "$RCDIR/$run"; } 2>&1 \
+      | sed -u "s/^/[$run] /" &
+    PIDS+=($!)
+  done
+  wait "${PIDS[@]}"
+  for run in "${RUNLIST[@]}"; do
+    r=$(cat "$RCDIR/$run" 2>/dev/null || echo 2)
+    [[ $r -ne 0 && $RC -eq 0 ]] && RC=$r
+  done
+else
+  NRUNS=${#RUNLIST[@]}
+  for run in "${RUNLIST[@]}"; do
+    one_run "$run" "$NRUNS"
+    r=$?
+    NRUNS=$(( NRUNS - 1 ))
+    [[ $r -ne 0 && $RC -eq 0 ]] && RC=$r
+  done
+fi
 if [[ -f "$OUT/$NAME-base.json" && -f "$OUT/$NAME-patched.json" ]]; then
   python3 -m moepatch.testing compare "$OUT/$NAME-base.json" "$OUT/$NAME-patched.json" \
     --out "$OUT/$NAME-compare.txt" || RC=1
