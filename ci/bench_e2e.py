@@ -20,9 +20,10 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 * ``--tp N``: every engine at tensor parallel N; ``--dp N``: data parallel N
   with expert parallelism, one engine process per rank started together (as
   in vLLM's offline data-parallel example), each rank given the same prompts,
-  rank 0's numbers recorded, with the all-to-all backend vLLM picked. Both
-  are written for the two-GPU machine and not yet run there. ``report`` also
-  compares each tree's multi-GPU check with its one-GPU check.
+  rank 0's numbers recorded, with the all-to-all backend vLLM picked (on
+  an NCCL older than 2.29.7 both trees get ``nccl_for_all_to_all``'s loader
+  fix). ``report`` also compares each tree's multi-GPU check with its
+  one-GPU check, from the same files or from ``--one-gpu`` ones.
 
 Correctness (``--check``): a small real checkpoint per model
 (``e2e_models.make_checkpoint``), loaded through vLLM's normal loader on both
