@@ -222,6 +222,12 @@ class Driver:
     def spawn(self, tree: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         env = {**os.environ, **ENGINE_ENV, **(extra_env or {})}
         env["PYTHONPATH"] = os.pathsep.join([str(self.trees[tree]), str(self.site)])
+        # vLLM caches what it learns about a model class under one file name,
+        # keyed by the hash of the model's module, which the series changes:
+        # with one cache the trees would evict each other's entry, and every
+        # process after a switch would inspect the model again in a
+        # subprocess (~20 s on the H200 machine).
+        env["VLLM_CACHE_ROOT"] = str(self.work / "vllm-cache" / tree)
         # The child writes through its own copy of the descriptor, so this
         # process closes its handle as soon as the child has started.
         with open(self.out / "e2e-log.txt", "a") as fh:

@@ -634,14 +634,15 @@ def test_report_compares_multi_gpu_checks_with_one_gpu_raw_files(tmp_path):
 
 def test_spawn_gives_a_rank_its_environment_over_the_engine_defaults(tmp_path, monkeypatch):
     """A data-parallel rank overrides VLLM_ENABLE_V1_MULTIPROCESSING, which the
-    engine defaults also set; both must reach the child, the rank's winning."""
+    engine defaults also set; both must reach the child, the rank's winning.
+    Each tree gets its own vLLM cache."""
     import argparse
 
     script = tmp_path / "child.py"
     script.write_text(
         "import json, os, sys\n"
         "keys = ('VLLM_ENABLE_V1_MULTIPROCESSING', 'VLLM_DP_RANK', 'NCCL_NVLS_ENABLE',"
-        " 'PYTHONPATH')\n"
+        " 'PYTHONPATH', 'VLLM_CACHE_ROOT')\n"
         "json.dump({k: os.environ.get(k) for k in keys}, open(sys.argv[-1], 'w'))\n"
     )
     monkeypatch.setattr(bench_e2e, "__file__", str(script))
@@ -655,6 +656,11 @@ def test_spawn_gives_a_rank_its_environment_over_the_engine_defaults(tmp_path, m
     assert rec["NCCL_NVLS_ENABLE"] == "0"
     assert rec["PYTHONPATH"].split(":") == [str(tmp_path / "base"), str(tmp_path / "site")]
     assert json.loads((tmp_path / "env-rank1.json").read_text())["VLLM_DP_RANK"] == "1"
+    # each tree its own vLLM cache (the trees' model modules hash differently)
+    d.trees["patched"] = tmp_path / "patched"
+    other = d.collect(d.start("patched", [], tmp_path / "env2.json"))
+    assert rec["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache" / "base")
+    assert other["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache" / "patched")
 
 
 @pytest.mark.parametrize("suspend,fixed", [(False, True), (True, False)])
