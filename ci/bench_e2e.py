@@ -17,6 +17,8 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
   decode step at batch 1 and 8 per process;
 * ``--apply PATCH``: the patched tree also carries a candidate patch, applied
   on the device, so a patch is judged end to end before it joins the series;
+  with ``--against series`` base is the series without it, so the ratios
+  are the candidate's own, measured in one lease;
 * ``--tp N``: every engine at tensor parallel N; ``--dp N``: data parallel N
   with expert parallelism, one engine process per rank started together (as
   in vLLM's offline data-parallel example), each rank given the same prompts,
@@ -47,6 +49,7 @@ import argparse
 import json
 import lzma
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +194,8 @@ class Driver:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         base, patched, self.site, manifest = unpack_bundle(Path(args.bundle), self.work)
+        if args.against == "series":  # the series itself, before the candidate applies
+            base = Path(shutil.copytree(patched, self.work / "series", symlinks=True))
         self.trees = {"base": base, "patched": patched}
         self.raw = {
             "kind": "bench_e2e",
@@ -207,6 +212,7 @@ class Driver:
             "checks": [],
             "skipped": [],
         }
+        self.raw["against"] = args.against
         self.raw["applied"] = [apply_candidate(Path(c), patched) for c in args.apply]
         if args.dp > 1:
             self.raw["nccl"] = nccl_for_all_to_all([base, patched])
@@ -353,6 +359,8 @@ def device_main(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench_e2e: unknown model(s) for --check: {', '.join(unknown)}")
     if args.dp > 1 and args.profile:
         raise SystemExit("bench_e2e: --profile needs one engine process (not --dp)")
+    if args.against == "series" and not args.apply:
+        raise SystemExit("bench_e2e: --against series needs a candidate (--apply PATCH)")
     missing = [c for c in args.apply if not Path(c).is_file()]
     if missing:
         raise SystemExit(f"bench_e2e: no candidate patch at {', '.join(missing)}")
@@ -399,16 +407,30 @@ def rejudge(check: dict, tie: float, slack: float) -> dict:
 
 
 def candidates(raws: list[dict]) -> str:
-    """A line naming the candidate patches the patched tree carried, if any."""
+    """A line naming the candidate patches the patched tree carried, if any,
+    and what base was (the release, or the series without them)."""
     applied = {(a["patch"], a["sha256"][:12]) for raw in raws for a in raw.get("applied", [])}
     if not applied:
         return ""
     names = ", ".join(f"{name} ({sha})" for name, sha in sorted(applied))
-    return f"patched = the series + candidate {names}\n\n"
+    base = "base = the series, " if raws[0].get("against") == "series" else ""
+    return f"{base}patched = the series + candidate {names}\n\n"
+
+
+def same_base(raws: list[dict], paths: list[str]) -> None:
+    """Refuse to merge raw files whose base trees differ (the release in one,
+    the series without a candidate in another): their ratios mean different
+    things."""
+    kinds = {raw.get("against", "release") for raw in raws}
+    if len(kinds) > 1:
+        pairs = zip(paths, raws, strict=True)
+        by = ", ".join(f"{p}: {raw.get('against', 'release')}" for p, raw in pairs)
+        raise SystemExit(f"bench_e2e report: the raw files compare against different bases ({by})")
 
 
 def report_main(args: argparse.Namespace) -> int:
     raws = [json.loads(read_raw(Path(p))) for p in args.raw]
+    same_base(raws, args.raw)
     records = [r for raw in raws for r in raw["records"]]
     checks = [rejudge(c, args.tie, args.slack) for raw in raws for c in raw["checks"]]
     one_gpu = [
@@ -507,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATCH",
         help="also apply this candidate patch to the patched tree (repeatable): "
         "judge a patch end to end before it joins the series",
+    )
+    d.add_argument(
+        "--against",
+        choices=("release", "series"),
+        default="release",
+        help="what the patched tree is compared with: the pinned release (default), or, with "
+        "--apply, the series without the candidate, which measures the candidate alone",
     )
     d.add_argument("--budget", type=float, default=540, help="seconds; no process starts past it")
     d.add_argument("--first-estimate", type=float, default=75, help="seconds a process may take")

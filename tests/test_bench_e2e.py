@@ -686,3 +686,61 @@ def test_nccl_loader_fix_refuses_a_loader_it_does_not_know(tmp_path):
     with pytest.raises(RuntimeError, match="pynccl_wrapper.py: ncclCommSuspend branch not as"):
         device_harness.skip_missing_nccl_suspend([tmp_path])
     assert path.read_text() == "class NCCLLibrary:\n    pass\n"
+
+
+def test_against_series_needs_a_candidate(tmp_path):
+    with pytest.raises(SystemExit, match="--against series needs a candidate"):
+        bench_e2e.main(
+            ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--against", "series"]
+        )
+
+
+def test_against_series_measures_the_candidate_on_top_of_the_series(tmp_path, monkeypatch):
+    """base becomes a copy of the patched tree taken before the candidate applies."""
+    import device_harness
+
+    release, series = tmp_path / "u" / "base", tmp_path / "u" / "patched"
+    for tree, text in ((release, "release\n"), (series, "series\n")):
+        tree.mkdir(parents=True)
+        (tree / "f.txt").write_text(text)
+    monkeypatch.setattr(
+        device_harness, "unpack_bundle", lambda bundle, work: (release, series, tmp_path, {})
+    )
+    monkeypatch.setattr(device_harness, "versions", dict)
+    candidate = tmp_path / "c.patch"
+    candidate.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -1 +1 @@\n-series\n+series + candidate\n")
+    import argparse
+
+    ns = argparse.Namespace(
+        bundle=str(tmp_path),
+        out=str(tmp_path / "out"),
+        apply=[str(candidate)],
+        dp=1,
+        against="series",
+    )
+    d = bench_e2e.Driver(ns)
+    assert (d.trees["base"] / "f.txt").read_text() == "series\n"
+    assert (d.trees["patched"] / "f.txt").read_text() == "series + candidate\n"
+    assert d.raw["against"] == "series"
+    (series / "f.txt").write_text("series\n")  # unpacked afresh, as on the device
+    ns.against = "release"
+    d = bench_e2e.Driver(ns)
+    assert (d.trees["base"] / "f.txt").read_text() == "release\n"
+    assert (d.trees["patched"] / "f.txt").read_text() == "series + candidate\n"
+
+
+def test_report_names_the_base_and_refuses_to_mix_bases(tmp_path):
+    applied = [{"patch": "c.patch", "sha256": "ab" * 32}]
+    series = {"records": [], "checks": [], "against": "series", "applied": applied}
+    assert bench_e2e.candidates([series]).startswith(
+        "base = the series, patched = the series + candidate c.patch (abababababab)"
+    )
+    release = {"records": [], "checks": [], "applied": applied}
+    assert bench_e2e.candidates([release]).startswith("patched = the series + candidate")
+    paths = []
+    for name, raw in (("s.json", series), ("r.json", release)):
+        (tmp_path / name).write_text(json.dumps(raw))
+        paths.append(str(tmp_path / name))
+    with pytest.raises(SystemExit, match="compare against different bases"):
+        bench_e2e.main(["report", *paths])
+    assert bench_e2e.main(["report", paths[0]]) == 0
