@@ -421,10 +421,9 @@ def same_base(raws: list[dict], paths: list[str]) -> None:
     """Refuse to merge raw files whose base trees differ (the release in one,
     the series without a candidate in another): their ratios mean different
     things."""
-    kinds = {raw.get("against", "release") for raw in raws}
-    if len(kinds) > 1:
-        pairs = zip(paths, raws, strict=True)
-        by = ", ".join(f"{p}: {raw.get('against', 'release')}" for p, raw in pairs)
+    bases = [raw.get("against", "release") for raw in raws]
+    if len(set(bases)) > 1:
+        by = ", ".join(f"{p}: {b}" for p, b in zip(paths, bases, strict=True))
         raise SystemExit(f"bench_e2e report: the raw files compare against different bases ({by})")
 
 

@@ -141,6 +141,7 @@ if [[ -n $GPUS ]]; then
     r=$(cat "$RCDIR/$run" 2>/dev/null || echo 2)
     [[ $r -ne 0 && $RC -eq 0 ]] && RC=$r
   done
+  rm -rf "$RCDIR"
 else
   NRUNS=${#RUNLIST[@]}
   for run in "${RUNLIST[@]}"; do
