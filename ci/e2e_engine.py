@@ -150,16 +150,49 @@ def allocator_counts() -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in keys}
 
 
+def gpu_timeline(intervals: list[tuple[int, float, float]]) -> dict:
+    """How the device's activities (stream, start µs, end µs) fill their span:
+    the time any stream was busy, the time two or more were, the span's idle
+    time (launch gaps, waits on the host), and each stream's busy time, the
+    busiest first. At decode the main stream carries the critical path and a
+    side stream the overlapped shared experts."""
+    per_stream: dict[int, float] = {}
+    for stream, start, end in intervals:
+        per_stream[stream] = per_stream.get(stream, 0.0) + (end - start)
+    busy, covered_to = 0.0, None
+    for _, start, end in sorted(intervals, key=lambda i: i[1]):
+        if covered_to is None or start > covered_to:
+            busy += end - start
+            covered_to = end
+        elif end > covered_to:
+            busy += end - covered_to
+            covered_to = end
+    span = max(e for _, _, e in intervals) - min(s for _, s, _ in intervals) if intervals else 0.0
+    return {
+        "span_us": span,
+        "busy_us": busy,
+        "overlap_us": sum(per_stream.values()) - busy,
+        "idle_us": span - busy,
+        "streams_us": sorted(per_stream.values(), reverse=True),
+    }
+
+
 def profile_step(step, top_host: int = 40) -> dict:
     """GPU time per kernel name over one call of ``step`` (already warm), its
-    wall time, and the host events that took most self time (Python ops and
-    CUDA runtime calls such as cudaMalloc or a stream sync): where a step's
-    time goes, and how much of it no kernel accounts for."""
+    wall time, the host events that took most self time (Python ops and CUDA
+    runtime calls such as cudaMalloc or a stream sync), and ``gpu_timeline``
+    of its device activities: where a step's time goes, and how much of it no
+    kernel accounts for."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall_ms = step()
+    intervals = [
+        (evt.device_resource_id, evt.time_range.start, evt.time_range.end)
+        for evt in prof.events()
+        if evt.device_type == torch.autograd.DeviceType.CUDA
+    ]
     kernels, host = {}, {}
     for evt in prof.key_averages():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
@@ -169,7 +202,12 @@ def profile_step(step, top_host: int = 40) -> dict:
         elif evt.self_cpu_time_total > 0:
             host[evt.key] = {"count": evt.count, "us": evt.self_cpu_time_total}
     kept = sorted(host, key=lambda k: -host[k]["us"])[:top_host]
-    return {"wall_ms": wall_ms, "kernels": kernels, "host": {k: host[k] for k in kept}}
+    return {
+        "wall_ms": wall_ms,
+        "kernels": kernels,
+        "host": {k: host[k] for k in kept},
+        "timeline": gpu_timeline(intervals),
+    }
 
 
 def profile_decode(timed, ps: list[dict], batch: int) -> dict:
@@ -189,11 +227,23 @@ def profile_decode(timed, ps: list[dict], batch: int) -> dict:
                 out[name] = {"count": count, "us": us}
         return out
 
+    def timeline_per_step() -> dict:
+        # Streams pair by busy rank: the main stream is the busiest in both.
+        less, more = one["timeline"], many["timeline"]
+        streams = [
+            (m - (less["streams_us"][i] if i < len(less["streams_us"]) else 0.0))
+            / PROFILE_DECODE_STEPS
+            for i, m in enumerate(more["streams_us"])
+        ]
+        out = {k: (more[k] - less[k]) / PROFILE_DECODE_STEPS for k in more if k != "streams_us"}
+        return {**out, "streams_us": streams}
+
     return {
         "step": f"decode batch {batch}, per step",
         "wall_ms": (many["wall_ms"] - one["wall_ms"]) / PROFILE_DECODE_STEPS,
         "kernels": per_step("kernels"),
         "host": per_step("host"),
+        "timeline": timeline_per_step(),
     }
 
 

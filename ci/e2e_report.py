@@ -82,10 +82,15 @@ def profile_table(records: list[dict], top: int = 15) -> str:
                         sum(k["us"] for k in e.values()) for e in events
                     )
                     med[tree]["(wall)"] = statistics.median(1000 * p["wall_ms"] for p in profiles)
+                    med[tree].update(
+                        _timeline_rows([p["timeline"] for p in profiles if "timeline" in p])
+                    )
             base, patched = med.get("base", {}), med.get("patched", {})
             if not base and not patched:
                 continue
-            totals = [t for t in ("(all kernels)", "(wall)") if t in base or t in patched]
+            totals = [
+                t for t in ("(all kernels)", "(wall)", *TIMELINE_ROWS) if t in base or t in patched
+            ]
             names = totals + sorted(
                 (set(base) | set(patched)) - set(totals),
                 key=lambda k: (-abs(patched.get(k, 0) - base.get(k, 0)), k),
@@ -99,6 +104,29 @@ def profile_table(records: list[dict], top: int = 15) -> str:
                 out.append(f"| `{k[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |")
             out.append("")
     return "\n".join(out)
+
+
+TIMELINE_ROWS = {
+    "(GPU busy: any stream)": "busy_us",
+    "(GPU busy: two or more streams)": "overlap_us",
+    "(GPU idle within the span)": "idle_us",
+    "(busiest stream)": 0,
+    "(second stream)": 1,
+}
+
+
+def _timeline_rows(timelines: list[dict]) -> dict[str, float]:
+    """The medians of ``e2e_engine.gpu_timeline`` fields over processes, as
+    rows of the kernel table; none for profiles recorded without one."""
+    rows = {}
+    for label, field in TIMELINE_ROWS.items():
+        if isinstance(field, str):
+            values = [t[field] for t in timelines]
+        else:
+            values = [t["streams_us"][field] for t in timelines if len(t["streams_us"]) > field]
+        if values:
+            rows[label] = statistics.median(values)
+    return rows
 
 
 def allocator_table(records: list[dict]) -> str:
