@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "ci"))
 
 import bench_e2e  # noqa: E402
+import e2e_checks  # noqa: E402
+import e2e_driver  # noqa: E402
 import e2e_models  # noqa: E402
 import e2e_report  # noqa: E402
 
@@ -30,15 +32,15 @@ def record(tree: str, model="a2.7b", mode="graph", **decode) -> dict:
 
 
 def test_abba_alternates_trees_and_balances_them():
-    assert bench_e2e.abba(3) == ["base", "patched", "patched", "base", "base", "patched"]
-    order = bench_e2e.abba(4)
+    assert e2e_driver.abba(3) == ["base", "patched", "patched", "base", "base", "patched"]
+    order = e2e_driver.abba(4)
     assert order.count("base") == order.count("patched") == 4
     # every adjacent pair of processes holds one of each tree
     assert all({order[i], order[i + 1]} == {"base", "patched"} for i in range(0, 8, 2))
 
 
 def test_schedule_runs_each_model_and_mode_in_abba_order():
-    jobs = bench_e2e.schedule("a2.7b:2,30b-a3b", "graph,eager", procs=1, eager_procs=1)
+    jobs = e2e_driver.schedule("a2.7b:2,30b-a3b", "graph,eager", procs=1, eager_procs=1)
     assert jobs == [
         ("a2.7b", "graph", 0, "base"),
         ("a2.7b", "graph", 1, "patched"),
@@ -52,7 +54,7 @@ def test_schedule_runs_each_model_and_mode_in_abba_order():
         ("30b-a3b", "eager", 1, "patched"),
     ]
     with pytest.raises(SystemExit, match="unknown model 'a2.7'"):
-        bench_e2e.schedule("a2.7", "graph", 1, 1)
+        e2e_driver.schedule("a2.7", "graph", 1, 1)
     # the device command refuses bad names before it unpacks anything
     with pytest.raises(SystemExit, match="--check: next"):
         bench_e2e.main(["device", "--bundle", "/nonexistent", "--out", "/tmp/x", "--check", "next"])
@@ -140,7 +142,7 @@ def gen(tokens, tops):
 def test_identical_generations_report_the_largest_logprob_difference():
     b = [gen([5, 6], [{5: -1.0, 7: -2.0}, {6: -0.5}])]
     p = [gen([5, 6], [{5: -1.03, 7: -2.0}, {6: -0.45}])]
-    v = e2e_report.compare_generations(b, p, tie=0.1)
+    v = e2e_checks.compare_generations(b, p, tie=0.1)
     assert v["tokens_identical"] and v["near_ties_only"]
     assert v["max_logprob_diff"] == pytest.approx(0.05)
 
@@ -148,16 +150,16 @@ def test_identical_generations_report_the_largest_logprob_difference():
 def test_divergence_at_a_near_tie_passes_and_a_real_one_does_not():
     base = [gen([5, 6, 1], [{5: -1.0}, {6: -2.00, 9: -2.05}, {1: -1.0}])]
     tie = [gen([5, 9, 4], [{5: -1.0}, {9: -2.01, 6: -2.02}, {4: -9.0}])]
-    v = e2e_report.compare_generations(base, tie, tie=0.1)
+    v = e2e_checks.compare_generations(base, tie, tie=0.1)
     assert not v["tokens_identical"] and v["near_ties_only"]
     assert v["flips"] == [{"prompt": 0, "pos": 1, "margin": pytest.approx(0.05)}]
     # positions after the divergence (different contexts) are not compared
     assert v["max_logprob_diff"] == pytest.approx(0.04)
     sure = [gen([5, 6, 1], [{5: -1.0}, {6: -1.0, 9: -3.0}, {1: -1.0}])]  # base: 6 by 2.0
-    v = e2e_report.compare_generations(sure, tie, tie=0.1)
+    v = e2e_checks.compare_generations(sure, tie, tie=0.1)
     assert not v["near_ties_only"] and v["flips"][0]["margin"] == pytest.approx(2.0)
     missing = [gen([5, 3, 4], [{5: -1.0}, {3: -1.0}, {4: -1.0}])]  # not in base's top 5
-    v = e2e_report.compare_generations(base, missing, tie=0.1)
+    v = e2e_checks.compare_generations(base, missing, tie=0.1)
     assert math.isinf(v["flips"][0]["margin"]) and not v["near_ties_only"]
 
 
@@ -166,7 +168,7 @@ def forced(lps, ranks):
 
 
 def test_reference_error_and_top1_agreement():
-    err, top1 = e2e_report.reference_error(forced([-1.0, -2.0], [1, 2]), [[-1.1, -2.3]])
+    err, top1 = e2e_checks.reference_error(forced([-1.0, -2.0], [1, 2]), [[-1.1, -2.3]])
     assert err == pytest.approx(0.2) and top1 == 0.5
 
 
@@ -180,14 +182,14 @@ def test_judge_compares_patched_with_base_against_the_reference():
             "patched": {"single": [same], "batch": [], "forced": forced(patched_lp, [1, 1])},
         }
 
-    ok = e2e_report.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.05, -1.12]), 0.1, 1.25)
+    ok = e2e_checks.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.05, -1.12]), 0.1, 1.25)
     assert ok["passed"] and ok["ref_error"]["base"] == pytest.approx(0.1)
-    worse = e2e_report.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.3, -1.3]), 0.1, 1.25)
+    worse = e2e_checks.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.3, -1.3]), 0.1, 1.25)
     assert not worse["passed"]
-    err = e2e_report.judge("a2.7b", ref, {"base": {"error": "boom"}, "patched": {}}, 0.1, 1.25)
+    err = e2e_checks.judge("a2.7b", ref, {"base": {"error": "boom"}, "patched": {}}, 0.1, 1.25)
     assert err == {"model": "a2.7b", "error": "base: boom"}
     first_format = {"model": "a2.7b", "tokens_identical": True, "max_logprob_diff": 0.0}
-    table = e2e_report.check_table([ok, worse, err, first_format])
+    table = e2e_checks.check_table([ok, worse, err, first_format])
     assert "| pass |" in table and "| FAIL |" in table and "error: base: boom" in table
     assert "not judged (no fp32 reference)" in table
 
@@ -195,7 +197,7 @@ def test_judge_compares_patched_with_base_against_the_reference():
 def test_report_writes_markdown_json_and_plot(tmp_path):
     raw = {
         "records": [
-            record(t, b1=[1.0 + i / 100], b8=[2.0]) for i, t in enumerate(bench_e2e.abba(2))
+            record(t, b1=[1.0 + i / 100], b8=[2.0]) for i, t in enumerate(e2e_driver.abba(2))
         ],
         "checks": [
             {
@@ -485,7 +487,7 @@ def test_near_tie_widens_to_base_error_against_fp32():
             "base": {"single": [base], "batch": [], "forced": forced(base_err, [1, 1])},
             "patched": {"single": [patched], "batch": [], "forced": forced(patched_err, [1, 1])},
         }
-        return e2e_report.judge("next80b", ref, outs, 0.1, 1.25)
+        return e2e_checks.judge("next80b", ref, outs, 0.1, 1.25)
 
     # bf16 base misses fp32 by 0.02: a 0.15 margin is a real preference.
     precise = check([-1.02, -0.98], [-1.02, -0.98])
@@ -493,7 +495,7 @@ def test_near_tie_widens_to_base_error_against_fp32():
     # bf16 base misses fp32 by 0.2 on average: 0.15 is inside its own noise.
     noisy = check([-1.2, -0.8], [-1.2, -0.8])
     assert noisy["tie"] == pytest.approx(0.2) and noisy["passed"]
-    assert "near tie ≤ 0.200" in e2e_report.check_table([noisy])
+    assert "near tie ≤ 0.200" in e2e_checks.check_table([noisy])
     # ... but patched must still be no further from fp32 than base.
     assert not check([-1.2, -0.8], [-1.5, -0.5])["passed"]
 
@@ -522,12 +524,12 @@ def test_candidate_patch_applies_to_the_patched_tree_or_stops(tmp_path):
     good.write_text(
         "diff --git a/a.py b/a.py\n--- a/a.py\n+++ b/a.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
     )
-    rec = bench_e2e.apply_candidate(good, tree)
+    rec = e2e_driver.apply_candidate(good, tree)
     assert (tree / "a.py").read_text() == "x = 2\n"
     assert rec["patch"] == "good.patch" and len(rec["sha256"]) == 64
     # The same patch no longer applies: a clear stop naming it, tree unchanged.
     with pytest.raises(SystemExit, match="good.patch does not apply"):
-        bench_e2e.apply_candidate(good, tree)
+        e2e_driver.apply_candidate(good, tree)
     assert (tree / "a.py").read_text() == "x = 2\n"
     raws = [{"applied": [rec]}, {"applied": [rec]}, {}]
     assert (
@@ -545,11 +547,11 @@ def test_device_stops_on_a_missing_candidate_before_unpacking(tmp_path):
 
 
 def test_parallel_labels_and_rank_environment():
-    assert bench_e2e.parallel_label(1, 1) == ""
-    assert bench_e2e.parallel_label(2, 1) == " tp2"
-    assert bench_e2e.parallel_label(1, 2) == " dp2ep"
-    assert bench_e2e.parallel_label(2, 2) == " tp2 dp2ep"
-    env = bench_e2e.rank_env(1, 2, 29500)
+    assert e2e_driver.parallel_label(1, 1) == ""
+    assert e2e_driver.parallel_label(2, 1) == " tp2"
+    assert e2e_driver.parallel_label(1, 2) == " dp2ep"
+    assert e2e_driver.parallel_label(2, 2) == " tp2 dp2ep"
+    env = e2e_driver.rank_env(1, 2, 29500)
     assert env["VLLM_DP_RANK"] == env["VLLM_DP_RANK_LOCAL"] == "1"
     assert env["VLLM_DP_SIZE"] == "2" and env["VLLM_DP_MASTER_PORT"] == "29500"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
@@ -560,7 +562,7 @@ def _driver(tmp_path, dp, rank_script):
     import argparse
     import subprocess
 
-    d = object.__new__(bench_e2e.Driver)
+    d = object.__new__(e2e_driver.Driver)
     d.args = argparse.Namespace(dp=dp, budget=60)
     d.t0 = __import__("time").monotonic()
     d.envs = []
@@ -628,11 +630,11 @@ def test_parallel_table_compares_each_tree_with_its_one_gpu_run():
         {"model": "a2.7b dp2ep", "outputs": outs([5, 6], [9, 6], "allgather_reducescatter")},
         {"model": "30b-a3b tp2", "outputs": outs([1], [1])},  # no one-GPU check: no row
     ]
-    table = e2e_report.parallel_table(checks, tie=0.1)
+    table = e2e_checks.parallel_table(checks, tie=0.1)
     assert "| a2.7b | dp2ep | allgather_reducescatter | base | identical | 0.0000 | yes |" in table
     assert "| a2.7b | dp2ep | allgather_reducescatter | patched | 1 of 1 diverge" in table
     assert "30b-a3b" not in table
-    assert e2e_report.parallel_table(checks[:1], tie=0.1) == ""
+    assert e2e_checks.parallel_table(checks[:1], tie=0.1) == ""
 
 
 @pytest.mark.parametrize(
@@ -640,7 +642,7 @@ def test_parallel_table_compares_each_tree_with_its_one_gpu_run():
     [(100, 50, True, True), (99, 50, True, False), (50, 50, False, True), (49, 50, False, False)],
 )
 def test_a_process_that_opens_a_pair_needs_time_for_both(left, need, opens_pair, expected):
-    assert bench_e2e.fits_budget(left, need, opens_pair) is expected
+    assert e2e_driver.fits_budget(left, need, opens_pair) is expected
 
 
 @pytest.mark.parametrize(
@@ -655,8 +657,8 @@ def test_time_models_starts_no_process_it_cannot_pair(tmp_path, monkeypatch, bud
     import argparse
 
     clock = [0.0]
-    monkeypatch.setattr(bench_e2e.time, "monotonic", lambda: clock[0])
-    d = object.__new__(bench_e2e.Driver)
+    monkeypatch.setattr(e2e_driver.time, "monotonic", lambda: clock[0])
+    d = object.__new__(e2e_driver.Driver)
     d.args = argparse.Namespace(
         models="a2.7b:2", modes="graph", procs=2, eager_procs=0, budget=budget,
         first_estimate=50, batches="1", eager_batches="1", reps=1, prefill_reps=1,
@@ -719,8 +721,8 @@ def test_spawn_gives_a_rank_its_environment_over_the_engine_defaults(tmp_path, m
         " 'PYTHONPATH', 'VLLM_CACHE_ROOT')\n"
         "json.dump({k: os.environ.get(k) for k in keys}, open(sys.argv[-1], 'w'))\n"
     )
-    monkeypatch.setattr(bench_e2e, "__file__", str(script))
-    d = object.__new__(bench_e2e.Driver)
+    monkeypatch.setattr(e2e_driver, "CHILD_SCRIPT", script)
+    d = object.__new__(e2e_driver.Driver)
     d.args = argparse.Namespace(dp=2, budget=60)
     d.out, d.work, d.site = tmp_path, tmp_path, tmp_path / "site"
     d.trees = {"base": tmp_path / "base"}
@@ -746,7 +748,7 @@ def test_nccl_loader_fix_only_where_the_library_lacks_suspend(monkeypatch, suspe
         device_harness, "nccl_library", lambda: {"version": "2.28.9", "suspend": suspend}
     )
     monkeypatch.setattr(device_harness, "skip_missing_nccl_suspend", calls.append)
-    info = bench_e2e.nccl_for_all_to_all([Path("base"), Path("patched")])
+    info = e2e_driver.nccl_for_all_to_all([Path("base"), Path("patched")])
     assert info["suspend_skipped"] is fixed
     assert calls == ([[Path("base"), Path("patched")]] if fixed else [])
 
@@ -792,13 +794,13 @@ def test_against_series_measures_the_candidate_on_top_of_the_series(tmp_path, mo
         dp=1,
         against="series",
     )
-    d = bench_e2e.Driver(ns)
+    d = e2e_driver.Driver(ns)
     assert (d.trees["base"] / "f.txt").read_text() == "series\n"
     assert (d.trees["patched"] / "f.txt").read_text() == "series + candidate\n"
     assert d.raw["against"] == "series"
     (series / "f.txt").write_text("series\n")  # unpacked afresh, as on the device
     ns.against = "release"
-    d = bench_e2e.Driver(ns)
+    d = e2e_driver.Driver(ns)
     assert (d.trees["base"] / "f.txt").read_text() == "release\n"
     assert (d.trees["patched"] / "f.txt").read_text() == "series + candidate\n"
 
