@@ -462,3 +462,31 @@ def test_all_reported_but_pytest_hangs_at_exit_is_not_interrupted(fake, tmp_path
     assert rc == 0, result["verdict"]
     assert "did not exit" in result["verdict"]
     assert result["total"]["passed"] == 2
+
+
+def test_failure_message_keeps_how_far_a_tolerance_check_missed():
+    spec = importlib.util.spec_from_file_location(
+        "moepatch_plugin", REPO / "moepatch" / "testing" / "pytest_plugin.py"
+    )
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+
+    def report(message):
+        crash = argparse.Namespace(message=message)
+        return argparse.Namespace(passed=False, longrepr=argparse.Namespace(reprcrash=crash))
+
+    close = (
+        "AssertionError: Tensor-likes are not close!\n\n"
+        "Mismatched elements: 6 / 131072 (0.0%)\n"
+        "Greatest absolute difference: 0.044 at index (61, 239) (up to 0.03 allowed)\n"
+        "Greatest relative difference: 0.51 at index (61, 239) (up to 0.03 allowed)\n"
+        "\nThe failure occurred for item [0]"
+    )
+    assert plugin._message(report(close)) == (
+        "AssertionError: Tensor-likes are not close! | Mismatched elements: 6 / 131072 (0.0%)"
+        " | Greatest absolute difference: 0.044 at index (61, 239) (up to 0.03 allowed)"
+        " | Greatest relative difference: 0.51 at index (61, 239) (up to 0.03 allowed)"
+    )
+    # other failures keep their first line only
+    assert plugin._message(report("assert 1 == 2\n +  where 1 = f()")) == "assert 1 == 2"
+    assert plugin._message(report("   ")) == ""

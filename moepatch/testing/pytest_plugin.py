@@ -20,6 +20,11 @@ def _write(record):
         f.write(json.dumps(record) + "\n")
 
 
+# Lines of a tolerance failure (torch.testing.assert_close) that say by how
+# much it failed; the first line alone only says that it did.
+_DETAIL_PREFIXES = ("Mismatched elements", "Greatest absolute difference", "Greatest relative")
+
+
 def _message(report):
     if report.passed:
         return ""
@@ -28,7 +33,11 @@ def _message(report):
         return str(lr[2])
     crash = getattr(getattr(lr, "reprcrash", None), "message", None)
     if crash:
-        return crash.strip().splitlines()[0][:500] if crash.strip() else ""
+        lines = [line.strip() for line in crash.strip().splitlines()]
+        if not lines:
+            return ""
+        details = [line for line in lines[1:] if line.startswith(_DETAIL_PREFIXES)]
+        return " | ".join([lines[0], *details])[:500]
     text = str(lr or "").strip().splitlines()
     return text[-1][:500] if text else ""
 
