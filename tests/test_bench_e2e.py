@@ -1,6 +1,7 @@
-"""The parts of ci/bench_e2e.py that need no GPU: process order, the summary
-and spread arithmetic, the correctness verdicts, the report, the model configs
-and the small real checkpoint (made here on CPU with a tiny config)."""
+"""The parts of ci/bench_e2e.py that need no GPU, besides the driver and the
+checks (test_e2e_driver.py, test_e2e_checks.py): the summary and spread
+arithmetic, the profile and report tables, the model configs and the small
+real checkpoint (made here on CPU with a tiny config)."""
 
 from __future__ import annotations
 
@@ -15,49 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "ci"))
 
 import bench_e2e  # noqa: E402
-import e2e_checks  # noqa: E402
 import e2e_driver  # noqa: E402
 import e2e_models  # noqa: E402
 import e2e_report  # noqa: E402
-
-
-def record(tree: str, model="a2.7b", mode="graph", **decode) -> dict:
-    return {
-        "model": model,
-        "mode": mode,
-        "tree": tree,
-        "decode_ms": {k.lstrip("b"): v for k, v in decode.items()},
-        "prefill_ms": {},
-    }
-
-
-def test_abba_alternates_trees_and_balances_them():
-    assert e2e_driver.abba(3) == ["base", "patched", "patched", "base", "base", "patched"]
-    order = e2e_driver.abba(4)
-    assert order.count("base") == order.count("patched") == 4
-    # every adjacent pair of processes holds one of each tree
-    assert all({order[i], order[i + 1]} == {"base", "patched"} for i in range(0, 8, 2))
-
-
-def test_schedule_runs_each_model_and_mode_in_abba_order():
-    jobs = e2e_driver.schedule("a2.7b:2,30b-a3b", "graph,eager", procs=1, eager_procs=1)
-    assert jobs == [
-        ("a2.7b", "graph", 0, "base"),
-        ("a2.7b", "graph", 1, "patched"),
-        ("a2.7b", "graph", 2, "patched"),
-        ("a2.7b", "graph", 3, "base"),
-        ("a2.7b", "eager", 0, "base"),
-        ("a2.7b", "eager", 1, "patched"),
-        ("30b-a3b", "graph", 0, "base"),
-        ("30b-a3b", "graph", 1, "patched"),
-        ("30b-a3b", "eager", 0, "base"),
-        ("30b-a3b", "eager", 1, "patched"),
-    ]
-    with pytest.raises(SystemExit, match="unknown model 'a2.7'"):
-        e2e_driver.schedule("a2.7", "graph", 1, 1)
-    # the device command refuses bad names before it unpacks anything
-    with pytest.raises(SystemExit, match="--check: next"):
-        bench_e2e.main(["device", "--bundle", "/nonexistent", "--out", "/tmp/x", "--check", "next"])
+from e2e_fixtures import forced, gen, record  # noqa: E402
 
 
 def test_summary_medians_ratio_range_and_spreads():
@@ -132,66 +94,6 @@ def test_incomplete_row_when_one_tree_is_missing():
     (row,) = e2e_report.summarize([record("base", b1=[1.0]), record("base", b1=[1.1])])
     assert row["ratio"] is None and row["verdict"] == "incomplete"
     assert "| – |" in e2e_report.table([row])
-
-
-def gen(tokens, tops):
-    """A generation: tokens and, per position, a top-5 dict (str ids)."""
-    return {"tokens": tokens, "logprobs": [{str(k): v for k, v in t.items()} for t in tops]}
-
-
-def test_identical_generations_report_the_largest_logprob_difference():
-    b = [gen([5, 6], [{5: -1.0, 7: -2.0}, {6: -0.5}])]
-    p = [gen([5, 6], [{5: -1.03, 7: -2.0}, {6: -0.45}])]
-    v = e2e_checks.compare_generations(b, p, tie=0.1)
-    assert v["tokens_identical"] and v["near_ties_only"]
-    assert v["max_logprob_diff"] == pytest.approx(0.05)
-
-
-def test_divergence_at_a_near_tie_passes_and_a_real_one_does_not():
-    base = [gen([5, 6, 1], [{5: -1.0}, {6: -2.00, 9: -2.05}, {1: -1.0}])]
-    tie = [gen([5, 9, 4], [{5: -1.0}, {9: -2.01, 6: -2.02}, {4: -9.0}])]
-    v = e2e_checks.compare_generations(base, tie, tie=0.1)
-    assert not v["tokens_identical"] and v["near_ties_only"]
-    assert v["flips"] == [{"prompt": 0, "pos": 1, "margin": pytest.approx(0.05)}]
-    # positions after the divergence (different contexts) are not compared
-    assert v["max_logprob_diff"] == pytest.approx(0.04)
-    sure = [gen([5, 6, 1], [{5: -1.0}, {6: -1.0, 9: -3.0}, {1: -1.0}])]  # base: 6 by 2.0
-    v = e2e_checks.compare_generations(sure, tie, tie=0.1)
-    assert not v["near_ties_only"] and v["flips"][0]["margin"] == pytest.approx(2.0)
-    missing = [gen([5, 3, 4], [{5: -1.0}, {3: -1.0}, {4: -1.0}])]  # not in base's top 5
-    v = e2e_checks.compare_generations(base, missing, tie=0.1)
-    assert math.isinf(v["flips"][0]["margin"]) and not v["near_ties_only"]
-
-
-def forced(lps, ranks):
-    return [[{"logprob": lp, "rank": r} for lp, r in zip(lps, ranks, strict=True)]]
-
-
-def test_reference_error_and_top1_agreement():
-    err, top1 = e2e_checks.reference_error(forced([-1.0, -2.0], [1, 2]), [[-1.1, -2.3]])
-    assert err == pytest.approx(0.2) and top1 == 0.5
-
-
-def test_judge_compares_patched_with_base_against_the_reference():
-    same = gen([5], [{5: -1.0}])
-    ref = {"layers": 4, "ref_logprobs": [[-1.0, -1.0]]}
-
-    def outs(base_lp, patched_lp):
-        return {
-            "base": {"single": [same], "batch": [], "forced": forced(base_lp, [1, 1])},
-            "patched": {"single": [same], "batch": [], "forced": forced(patched_lp, [1, 1])},
-        }
-
-    ok = e2e_checks.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.05, -1.12]), 0.1, 1.25)
-    assert ok["passed"] and ok["ref_error"]["base"] == pytest.approx(0.1)
-    worse = e2e_checks.judge("a2.7b", ref, outs([-1.1, -1.1], [-1.3, -1.3]), 0.1, 1.25)
-    assert not worse["passed"]
-    err = e2e_checks.judge("a2.7b", ref, {"base": {"error": "boom"}, "patched": {}}, 0.1, 1.25)
-    assert err == {"model": "a2.7b", "error": "base: boom"}
-    first_format = {"model": "a2.7b", "tokens_identical": True, "max_logprob_diff": 0.0}
-    table = e2e_checks.check_table([ok, worse, err, first_format])
-    assert "| pass |" in table and "| FAIL |" in table and "error: base: boom" in table
-    assert "not judged (no fp32 reference)" in table
 
 
 def test_report_writes_markdown_json_and_plot(tmp_path):
@@ -476,30 +378,6 @@ def test_allocator_table_lists_each_process_and_prefill_shape_in_order():
     assert e2e_report.allocator_table([record("base")]) == ""
 
 
-def test_near_tie_widens_to_base_error_against_fp32():
-    # Base and patched pick different tokens at position 0, base margin 0.15.
-    base = gen([5], [{5: -1.0, 9: -1.15}])
-    patched = gen([9], [{9: -1.0, 5: -1.15}])
-    ref = {"layers": 4, "ref_logprobs": [[-1.0, -1.0]]}
-
-    def check(base_err, patched_err):
-        outs = {
-            "base": {"single": [base], "batch": [], "forced": forced(base_err, [1, 1])},
-            "patched": {"single": [patched], "batch": [], "forced": forced(patched_err, [1, 1])},
-        }
-        return e2e_checks.judge("next80b", ref, outs, 0.1, 1.25)
-
-    # bf16 base misses fp32 by 0.02: a 0.15 margin is a real preference.
-    precise = check([-1.02, -0.98], [-1.02, -0.98])
-    assert precise["tie"] == 0.1 and not precise["passed"]
-    # bf16 base misses fp32 by 0.2 on average: 0.15 is inside its own noise.
-    noisy = check([-1.2, -0.8], [-1.2, -0.8])
-    assert noisy["tie"] == pytest.approx(0.2) and noisy["passed"]
-    assert "near tie ≤ 0.200" in e2e_checks.check_table([noisy])
-    # ... but patched must still be no further from fp32 than base.
-    assert not check([-1.2, -0.8], [-1.5, -0.5])["passed"]
-
-
 def test_report_rejudges_stored_checks(tmp_path):
     ref = {"layers": 4, "ref_logprobs": [[-1.0]]}
     outs = {
@@ -514,169 +392,6 @@ def test_report_rejudges_stored_checks(tmp_path):
     assert bench_e2e.main(["report", str(raw), "--json", str(out)]) == 0
     (check,) = json.loads(out.read_text())["checks"]
     assert check["passed"] and check["tie"] == pytest.approx(0.2) and "outputs" not in check
-
-
-def test_candidate_patch_applies_to_the_patched_tree_or_stops(tmp_path):
-    tree = tmp_path / "patched"
-    tree.mkdir()
-    (tree / "a.py").write_text("x = 1\n")
-    good = tmp_path / "good.patch"
-    good.write_text(
-        "diff --git a/a.py b/a.py\n--- a/a.py\n+++ b/a.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
-    )
-    rec = e2e_driver.apply_candidate(good, tree)
-    assert (tree / "a.py").read_text() == "x = 2\n"
-    assert rec["patch"] == "good.patch" and len(rec["sha256"]) == 64
-    # The same patch no longer applies: a clear stop naming it, tree unchanged.
-    with pytest.raises(SystemExit, match="good.patch does not apply"):
-        e2e_driver.apply_candidate(good, tree)
-    assert (tree / "a.py").read_text() == "x = 2\n"
-    raws = [{"applied": [rec]}, {"applied": [rec]}, {}]
-    assert (
-        bench_e2e.candidates(raws)
-        == f"patched = the series + candidate good.patch ({rec['sha256'][:12]})\n\n"
-    )
-    assert bench_e2e.candidates([{}]) == ""
-
-
-def test_device_stops_on_a_missing_candidate_before_unpacking(tmp_path):
-    with pytest.raises(SystemExit, match="no candidate patch at"):
-        bench_e2e.main(
-            ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--apply", "nope.patch"]
-        )
-
-
-def test_parallel_labels_and_rank_environment():
-    assert e2e_driver.parallel_label(1, 1) == ""
-    assert e2e_driver.parallel_label(2, 1) == " tp2"
-    assert e2e_driver.parallel_label(1, 2) == " dp2ep"
-    assert e2e_driver.parallel_label(2, 2) == " tp2 dp2ep"
-    env = e2e_driver.rank_env(1, 2, 29500)
-    assert env["VLLM_DP_RANK"] == env["VLLM_DP_RANK_LOCAL"] == "1"
-    assert env["VLLM_DP_SIZE"] == "2" and env["VLLM_DP_MASTER_PORT"] == "29500"
-    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
-
-
-def _driver(tmp_path, dp, rank_script):
-    """A Driver without a bundle whose processes run ``rank_script``."""
-    import argparse
-    import subprocess
-
-    d = object.__new__(e2e_driver.Driver)
-    d.args = argparse.Namespace(dp=dp, budget=60)
-    d.t0 = __import__("time").monotonic()
-    d.envs = []
-
-    def spawn(tree, cmd, extra_env=None):
-        d.envs.append(extra_env or {})
-        env = dict(__import__("os").environ, **(extra_env or {}))
-        return subprocess.Popen([sys.executable, "-c", rank_script, cmd[-1]], env=env)
-
-    d.spawn = spawn
-    return d
-
-
-def test_data_parallel_measurement_starts_one_process_per_rank(tmp_path):
-    script = (
-        "import json, os, sys\n"
-        "rank = os.environ.get('VLLM_DP_RANK', '0')\n"
-        "json.dump({'rank': rank, 'port': os.environ.get('VLLM_DP_MASTER_PORT')},"
-        " open(sys.argv[1], 'w'))\n"
-    )
-    d = _driver(tmp_path, 2, script)
-    started = d.start("base", ["child"], tmp_path / "time-0.json")
-    assert [path.name for _, path in started] == ["time-0-rank0.json", "time-0-rank1.json"]
-    rec = d.collect(started)
-    assert rec["rank"] == "0" and "error" not in rec
-    # both ranks share one master port
-    assert d.envs[0]["VLLM_DP_MASTER_PORT"] == d.envs[1]["VLLM_DP_MASTER_PORT"] == rec["port"]
-    one = _driver(tmp_path, 1, script)
-    (only,) = one.start("base", ["child"], tmp_path / "time-1.json")
-    assert only[1].name == "time-1.json" and one.envs == [{}]
-    assert one.collect([only])["rank"] == "0"
-
-
-def test_a_failed_rank_fails_the_measurement(tmp_path):
-    script = (
-        "import json, os, sys\n"
-        "if os.environ['VLLM_DP_RANK'] == '1': sys.exit(3)\n"
-        "json.dump({'rank': 0}, open(sys.argv[1], 'w'))\n"
-    )
-    d = _driver(tmp_path, 2, script)
-    rec = d.collect(d.start("patched", ["child"], tmp_path / "check.json"))
-    assert rec["error"] == "rank 1: process exited 3 without a result"
-
-
-def test_device_refuses_profile_with_data_parallel(tmp_path):
-    with pytest.raises(SystemExit, match="--profile needs one engine process"):
-        bench_e2e.main(
-            ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--dp", "2", "--profile"]
-        )
-
-
-def test_parallel_table_compares_each_tree_with_its_one_gpu_run():
-    def outs(base_tokens, patched_tokens, backend=None):
-        def one(tokens):
-            return {
-                "single": [gen(tokens, [{t: -1.0, 9: -1.02} for t in tokens])],
-                "batch": [],
-                "parallel": {"all2all_backend": backend},
-            }
-
-        return {"base": one(base_tokens), "patched": one(patched_tokens)}
-
-    checks = [
-        {"model": "a2.7b", "outputs": outs([5, 6], [5, 6])},
-        {"model": "a2.7b dp2ep", "outputs": outs([5, 6], [9, 6], "allgather_reducescatter")},
-        {"model": "30b-a3b tp2", "outputs": outs([1], [1])},  # no one-GPU check: no row
-    ]
-    table = e2e_checks.parallel_table(checks, tie=0.1)
-    assert "| a2.7b | dp2ep | allgather_reducescatter | base | identical | 0.0000 | yes |" in table
-    assert "| a2.7b | dp2ep | allgather_reducescatter | patched | 1 of 1 diverge" in table
-    assert "30b-a3b" not in table
-    assert e2e_checks.parallel_table(checks[:1], tie=0.1) == ""
-
-
-@pytest.mark.parametrize(
-    "left,need,opens_pair,expected",
-    [(100, 50, True, True), (99, 50, True, False), (50, 50, False, True), (49, 50, False, False)],
-)
-def test_a_process_that_opens_a_pair_needs_time_for_both(left, need, opens_pair, expected):
-    assert e2e_driver.fits_budget(left, need, opens_pair) is expected
-
-
-@pytest.mark.parametrize(
-    "budget,trees",
-    [
-        (200, ["base", "patched", "patched", "base"]),
-        (100, ["base", "patched"]),  # the second pair would not finish
-        (90, []),  # not even one pair: nothing runs, rather than base alone
-    ],
-)
-def test_time_models_starts_no_process_it_cannot_pair(tmp_path, monkeypatch, budget, trees):
-    import argparse
-
-    clock = [0.0]
-    monkeypatch.setattr(e2e_driver.time, "monotonic", lambda: clock[0])
-    d = object.__new__(e2e_driver.Driver)
-    d.args = argparse.Namespace(
-        models="a2.7b:2", modes="graph", procs=2, eager_procs=0, budget=budget,
-        first_estimate=50, batches="1", eager_batches="1", reps=1, prefill_reps=1,
-        profile=False, tp=1, dp=1,
-    )  # fmt: skip
-    d.t0, d.work, d.out, d.durations = 0.0, tmp_path, tmp_path, {}
-    d.raw = {"records": [], "skipped": []}
-    monkeypatch.setattr(e2e_models, "write_config", lambda *a: None)
-    d.start = lambda tree, cmd, res: tree
-
-    def collect(tree):
-        clock[0] += 40  # every process takes 40 s
-        return {}
-
-    d.collect = collect
-    d.time_models()
-    assert [r["tree"] for r in d.raw["records"]] == trees
-    assert len(d.raw["skipped"]) == 4 - len(trees)
 
 
 def test_report_compares_multi_gpu_checks_with_one_gpu_raw_files(tmp_path):
@@ -706,103 +421,6 @@ def test_report_compares_multi_gpu_checks_with_one_gpu_raw_files(tmp_path):
     # only the comparison uses the one-GPU file: its check and timing are not reported
     assert "| a2.7b | 4 |" not in text and "| a2.7b | graph |" not in text
     assert json.loads(js.read_text())["one_gpu_checks_from"] == [str(one_gpu)]
-
-
-def test_spawn_gives_a_rank_its_environment_over_the_engine_defaults(tmp_path, monkeypatch):
-    """A data-parallel rank overrides VLLM_ENABLE_V1_MULTIPROCESSING, which the
-    engine defaults also set; both must reach the child, the rank's winning.
-    Each tree gets its own vLLM cache."""
-    import argparse
-
-    script = tmp_path / "child.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "keys = ('VLLM_ENABLE_V1_MULTIPROCESSING', 'VLLM_DP_RANK', 'NCCL_NVLS_ENABLE',"
-        " 'PYTHONPATH', 'VLLM_CACHE_ROOT')\n"
-        "json.dump({k: os.environ.get(k) for k in keys}, open(sys.argv[-1], 'w'))\n"
-    )
-    monkeypatch.setattr(e2e_driver, "CHILD_SCRIPT", script)
-    d = object.__new__(e2e_driver.Driver)
-    d.args = argparse.Namespace(dp=2, budget=60)
-    d.out, d.work, d.site = tmp_path, tmp_path, tmp_path / "site"
-    d.trees = {"base": tmp_path / "base"}
-    d.t0 = __import__("time").monotonic()
-    rec = d.collect(d.start("base", [], tmp_path / "env.json"))
-    assert rec["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and rec["VLLM_DP_RANK"] == "0"
-    assert rec["NCCL_NVLS_ENABLE"] == "0"
-    assert rec["PYTHONPATH"].split(":") == [str(tmp_path / "base"), str(tmp_path / "site")]
-    assert json.loads((tmp_path / "env-rank1.json").read_text())["VLLM_DP_RANK"] == "1"
-    # each tree its own vLLM cache (the trees' model modules hash differently)
-    d.trees["patched"] = tmp_path / "patched"
-    other = d.collect(d.start("patched", [], tmp_path / "env2.json"))
-    assert rec["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache" / "base")
-    assert other["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache" / "patched")
-
-
-@pytest.mark.parametrize("suspend,fixed", [(False, True), (True, False)])
-def test_nccl_loader_fix_only_where_the_library_lacks_suspend(monkeypatch, suspend, fixed):
-    import device_harness
-
-    calls = []
-    monkeypatch.setattr(
-        device_harness, "nccl_library", lambda: {"version": "2.28.9", "suspend": suspend}
-    )
-    monkeypatch.setattr(device_harness, "skip_missing_nccl_suspend", calls.append)
-    info = e2e_driver.nccl_for_all_to_all([Path("base"), Path("patched")])
-    assert info["suspend_skipped"] is fixed
-    assert calls == ([[Path("base"), Path("patched")]] if fixed else [])
-
-
-def test_nccl_loader_fix_refuses_a_loader_it_does_not_know(tmp_path):
-    import device_harness
-
-    path = tmp_path / device_harness.NCCL_WRAPPER
-    path.parent.mkdir(parents=True)
-    path.write_text("class NCCLLibrary:\n    pass\n")
-    with pytest.raises(RuntimeError, match="pynccl_wrapper.py: ncclCommSuspend branch not as"):
-        device_harness.skip_missing_nccl_suspend([tmp_path])
-    assert path.read_text() == "class NCCLLibrary:\n    pass\n"
-
-
-def test_against_series_needs_a_candidate(tmp_path):
-    with pytest.raises(SystemExit, match="--against series needs a candidate"):
-        bench_e2e.main(
-            ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--against", "series"]
-        )
-
-
-def test_against_series_measures_the_candidate_on_top_of_the_series(tmp_path, monkeypatch):
-    """base becomes a copy of the patched tree taken before the candidate applies."""
-    import device_harness
-
-    release, series = tmp_path / "u" / "base", tmp_path / "u" / "patched"
-    for tree, text in ((release, "release\n"), (series, "series\n")):
-        tree.mkdir(parents=True)
-        (tree / "f.txt").write_text(text)
-    monkeypatch.setattr(
-        device_harness, "unpack_bundle", lambda bundle, work: (release, series, tmp_path, {})
-    )
-    monkeypatch.setattr(device_harness, "versions", dict)
-    candidate = tmp_path / "c.patch"
-    candidate.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -1 +1 @@\n-series\n+series + candidate\n")
-    import argparse
-
-    ns = argparse.Namespace(
-        bundle=str(tmp_path),
-        out=str(tmp_path / "out"),
-        apply=[str(candidate)],
-        dp=1,
-        against="series",
-    )
-    d = e2e_driver.Driver(ns)
-    assert (d.trees["base"] / "f.txt").read_text() == "series\n"
-    assert (d.trees["patched"] / "f.txt").read_text() == "series + candidate\n"
-    assert d.raw["against"] == "series"
-    (series / "f.txt").write_text("series\n")  # unpacked afresh, as on the device
-    ns.against = "release"
-    d = e2e_driver.Driver(ns)
-    assert (d.trees["base"] / "f.txt").read_text() == "release\n"
-    assert (d.trees["patched"] / "f.txt").read_text() == "series + candidate\n"
 
 
 def test_report_names_the_base_and_refuses_to_mix_bases(tmp_path):
