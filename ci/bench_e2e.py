@@ -15,8 +15,8 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 * ``--modes eager`` adds the same without CUDA graphs, where host cost shows;
 * ``--profile``: GPU time per kernel of one 1 x 2,048 prefill and of one
   decode step at batch 1 and 8 per process, and how the kernels fill the
-  step: time with any stream busy, with two or more, idle within the span,
-  and each stream's busy time;
+  step: time with any stream busy and with two or more (and, for the
+  prefill, the idle time within its span);
 * ``--apply PATCH``: the patched tree also carries a candidate patch, applied
   on the device, so a patch is judged end to end before it joins the series;
   with ``--against series`` base is the series without it, so the ratios
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action="store_true",
         help="also profile one 1 x 2,048 prefill and one decode step at batch 1 and 8 "
-        "per process: GPU time per kernel, and busy, overlapped and idle GPU time",
+        "per process: GPU time per kernel, and busy and overlapped GPU time",
     )
     d.add_argument(
         "--tp", type=int, default=1, help="tensor parallel size of every engine (default 1)"

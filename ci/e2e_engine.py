@@ -152,13 +152,11 @@ def allocator_counts() -> dict[str, int]:
 
 def gpu_timeline(intervals: list[tuple[int, float, float]]) -> dict:
     """How the device's activities (stream, start µs, end µs) fill their span:
-    the time any stream was busy, the time two or more were, the span's idle
-    time (launch gaps, waits on the host), and each stream's busy time, the
-    busiest first. At decode the main stream carries the critical path and a
-    side stream the overlapped shared experts."""
-    per_stream: dict[int, float] = {}
-    for stream, start, end in intervals:
-        per_stream[stream] = per_stream.get(stream, 0.0) + (end - start)
+    the time any stream was busy, the time two or more were (at decode, the
+    shared experts beside the critical path), and the span's idle time
+    (launch gaps, waits on the host). No per-stream times: a CUDA graph's
+    replay runs its kernels on streams of the graph's own, so a stream's
+    busy time says nothing about which branch of the model it carried."""
     busy, covered_to = 0.0, None
     for _, start, end in sorted(intervals, key=lambda i: i[1]):
         if covered_to is None or start > covered_to:
@@ -171,9 +169,8 @@ def gpu_timeline(intervals: list[tuple[int, float, float]]) -> dict:
     return {
         "span_us": span,
         "busy_us": busy,
-        "overlap_us": sum(per_stream.values()) - busy,
+        "overlap_us": sum(e - s for _, s, e in intervals) - busy,
         "idle_us": span - busy,
-        "streams_us": sorted(per_stream.values(), reverse=True),
     }
 
 
@@ -228,15 +225,11 @@ def profile_decode(timed, ps: list[dict], batch: int) -> dict:
         return out
 
     def timeline_per_step() -> dict:
-        # Streams pair by busy rank: the main stream is the busiest in both.
+        # Busy times add up over the steps; a span and its idle time do not:
+        # they also hold the host's time between steps, which varies under the
+        # profiler, so the difference of two spans says nothing per step.
         less, more = one["timeline"], many["timeline"]
-        streams = [
-            (m - (less["streams_us"][i] if i < len(less["streams_us"]) else 0.0))
-            / PROFILE_DECODE_STEPS
-            for i, m in enumerate(more["streams_us"])
-        ]
-        out = {k: (more[k] - less[k]) / PROFILE_DECODE_STEPS for k in more if k != "streams_us"}
-        return {**out, "streams_us": streams}
+        return {k: (more[k] - less[k]) / PROFILE_DECODE_STEPS for k in ("busy_us", "overlap_us")}
 
     return {
         "step": f"decode batch {batch}, per step",

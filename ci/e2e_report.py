@@ -110,20 +110,16 @@ TIMELINE_ROWS = {
     "(GPU busy: any stream)": "busy_us",
     "(GPU busy: two or more streams)": "overlap_us",
     "(GPU idle within the span)": "idle_us",
-    "(busiest stream)": 0,
-    "(second stream)": 1,
 }
 
 
 def _timeline_rows(timelines: list[dict]) -> dict[str, float]:
     """The medians of ``e2e_engine.gpu_timeline`` fields over processes, as
-    rows of the kernel table; none for profiles recorded without one."""
+    rows of the kernel table; none for profiles recorded without one, and no
+    idle row per decode step (``e2e_engine.profile_decode`` says why)."""
     rows = {}
     for label, field in TIMELINE_ROWS.items():
-        if isinstance(field, str):
-            values = [t[field] for t in timelines]
-        else:
-            values = [t["streams_us"][field] for t in timelines if len(t["streams_us"]) > field]
+        values = [t[field] for t in timelines if field in t]
         if values:
             rows[label] = statistics.median(values)
     return rows

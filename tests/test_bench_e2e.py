@@ -255,13 +255,13 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
         if decode:
             kernels["fused_moe_kernel"] = {"count": 48 * decode, "us": 60.0 * decode}
         host = {"cudaGraphLaunch": {"count": decode, "us": 5.0 * decode}}
-        # the prompt alone runs one stream; decode adds the shared experts' side stream
+        # the prompt alone runs one stream; decode adds the shared experts' side
+        # stream; the span also holds host time between steps, not per step
         timeline = {
-            "span_us": 400.0 + 2400.0 * decode,
+            "span_us": 400.0 + 2400.0 * decode + (9000.0 if not decode else 0.0),
             "busy_us": 300.0 + 2000.0 * decode,
             "overlap_us": 700.0 * decode,
-            "idle_us": 100.0 + 400.0 * decode,
-            "streams_us": [300.0 + 1900.0 * decode] + ([800.0 * decode] if decode else []),
+            "idle_us": 100.0 + 400.0 * decode + (9000.0 if not decode else 0.0),
         }
         return {
             "wall_ms": 1.0 + 2.5 * decode,
@@ -277,13 +277,10 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
     # the prompt's kernel cancels; the decode kernel is per step
     assert prof["kernels"] == {"fused_moe_kernel": {"count": 48.0, "us": 60.0}}
     assert prof["host"] == {"cudaGraphLaunch": {"count": 1.0, "us": 5.0}}
+    # busy times are per step; no span or idle time, which do not subtract
     assert prof["timeline"] == {
-        "span_us": pytest.approx(2400.0),
         "busy_us": pytest.approx(2000.0),
         "overlap_us": pytest.approx(700.0),
-        "idle_us": pytest.approx(400.0),
-        # a stream the prompt's profile lacks is subtracted as 0
-        "streams_us": [pytest.approx(1900.0), pytest.approx(800.0)],
     }
 
 
@@ -298,7 +295,6 @@ def test_gpu_timeline_counts_overlap_once_and_gaps_as_idle():
         "busy_us": 25.0,  # [0, 20] and [30, 35]
         "overlap_us": 8.0,  # [5, 10] and [12, 15]
         "idle_us": 10.0,  # [20, 30]
-        "streams_us": [23.0, 10.0],
     }
     # order of the activities does not matter
     assert e2e_engine.gpu_timeline(intervals[::-1]) == timeline
@@ -309,7 +305,6 @@ def test_gpu_timeline_counts_overlap_once_and_gaps_as_idle():
         "busy_us": 0.0,
         "overlap_us": 0.0,
         "idle_us": 0.0,
-        "streams_us": [],
     }
 
 
@@ -339,27 +334,26 @@ def test_profile_table_has_a_section_per_decode_batch_after_the_prefill():
 
 def test_profile_table_lists_the_timeline_after_the_totals():
     def prof(tree, idle):
-        timeline = {
-            "span_us": 2000.0,
-            "busy_us": 2000.0 - idle,
-            "overlap_us": 500.0,
-            "idle_us": idle,
-            "streams_us": [1500.0, 1000.0 - idle],
+        timeline = {"span_us": 2000.0, "busy_us": 2000.0 - idle, "overlap_us": 500.0}
+        step = {"wall_ms": 2.0, "kernels": {"k": {"count": 1, "us": 1.0}}}
+        prefill_timeline = {**timeline, "idle_us": idle}
+        return {
+            **record(tree),
+            "profile": {**step, "step": "prefill 1x2048", "timeline": prefill_timeline},
+            # a decode step's timeline has no idle time
+            "decode_profiles": {"1": {**step, "step": "decode batch 1", "timeline": timeline}},
         }
-        step = {"wall_ms": 2.0, "kernels": {"k": {"count": 1, "us": 1.0}}, "timeline": timeline}
-        return {**record(tree), "decode_profiles": {"1": {**step, "step": "decode batch 1"}}}
 
     table = e2e_report.profile_table([prof("base", 300.0), prof("patched", 100.0)])
-    rows = [line for line in table.splitlines() if line.startswith("| `(")]
-    assert rows == [
+    sections = table.split("a2.7b graph, ")[1:]
+    decode, prefill = ([r for r in s.splitlines() if r.startswith("| `(")] for s in sections)
+    assert decode == [
         "| `(all kernels)` | 1.0 | 1.0 | +0.0 |",
         "| `(wall)` | 2000.0 | 2000.0 | +0.0 |",
         "| `(GPU busy: any stream)` | 1700.0 | 1900.0 | +200.0 |",
         "| `(GPU busy: two or more streams)` | 500.0 | 500.0 | +0.0 |",
-        "| `(GPU idle within the span)` | 300.0 | 100.0 | -200.0 |",
-        "| `(busiest stream)` | 1500.0 | 1500.0 | +0.0 |",
-        "| `(second stream)` | 700.0 | 900.0 | +200.0 |",
     ]
+    assert prefill == [*decode, "| `(GPU idle within the span)` | 300.0 | 100.0 | -200.0 |"]
 
 
 def test_allocator_table_lists_each_process_and_prefill_shape_in_order():
