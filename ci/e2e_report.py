@@ -60,7 +60,8 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             continue
         steps = [rec["profile"]] if "profile" in rec else []
         steps += [
-            rec["decode_profiles"][b] for b in sorted(rec.get("decode_profiles", {}), key=int)
+            _busy_times_only(rec["decode_profiles"][b])
+            for b in sorted(rec.get("decode_profiles", {}), key=int)
         ]
         for prof in steps:
             groups[(rec["model"], rec["mode"], prof.get("step", ""))][rec["tree"]].append(prof)
@@ -111,6 +112,15 @@ TIMELINE_ROWS = {
     "(GPU busy: two or more streams)": "overlap_us",
     "(GPU idle within the span)": "idle_us",
 }
+
+
+def _busy_times_only(decode_profile: dict) -> dict:
+    """A decode step's profile without the span fields that raw files
+    recorded before ``e2e_engine.profile_decode`` stopped differencing them."""
+    if "timeline" not in decode_profile:
+        return decode_profile
+    kept = {k: decode_profile["timeline"][k] for k in ("busy_us", "overlap_us")}
+    return {**decode_profile, "timeline": kept}
 
 
 def _timeline_rows(timelines: list[dict]) -> dict[str, float]:

@@ -340,8 +340,10 @@ def test_profile_table_lists_the_timeline_after_the_totals():
         return {
             **record(tree),
             "profile": {**step, "step": "prefill 1x2048", "timeline": prefill_timeline},
-            # a decode step's timeline has no idle time
-            "decode_profiles": {"1": {**step, "step": "decode batch 1", "timeline": timeline}},
+            # a decode step has no idle row, also from raw files that recorded one
+            "decode_profiles": {
+                "1": {**step, "step": "decode batch 1", "timeline": prefill_timeline}
+            },
         }
 
     table = e2e_report.profile_table([prof("base", 300.0), prof("patched", 100.0)])
