@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Plot and tabulate a ``ci/bench_layers.py`` result (issue 9).
 
-Runs here (no GPU): reads ``results/layers-h100.json`` and writes
+Runs here (no GPU): reads ``results/layers-h100.json.xz`` and writes
 ``results/layers-h100.png`` (speed-up base/patched vs N per config, eager and
 CUDA-graph replay, per-round min/max as error bars, the base-vs-base noise as a
 band) and ``results/layers-h100.md`` (the README table). Needs matplotlib::
 
-    python ci/plot_layers.py [--json results/layers-h100.json] [--png ...] [--md ...]
+    python ci/plot_layers.py [--json results/layers-h100.json.xz] [--png ...] [--md ...]
 """
 
 from __future__ import annotations
@@ -309,7 +309,11 @@ def _load(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", default=str(REPO / "results" / "layers-h100.json"))
+    ap.add_argument(
+        "--json",
+        default=str(REPO / "results" / "layers-h100.json.xz"),
+        help="a ci/bench_layers.py result (.json or .json.xz)",
+    )
     ap.add_argument("--png", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument(
@@ -328,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.md}")
         return 0
     src = Path(args.json)
-    res = json.loads(src.read_text())
-    md = Path(args.md) if args.md else src.with_suffix(".md")
-    png = Path(args.png) if args.png else src.with_suffix(".png")
+    res = _load(src)
+    stem = src.parent / src.name.split(".json")[0]
+    md = Path(args.md) if args.md else stem.with_suffix(".md")
+    png = Path(args.png) if args.png else stem.with_suffix(".png")
     write_md(res, md)
     write_png(res, png)
     print(f"wrote {md} and {png}")
