@@ -490,3 +490,18 @@ def test_failure_message_keeps_how_far_a_tolerance_check_missed():
     # other failures keep their first line only
     assert plugin._message(report("assert 1 == 2\n +  where 1 = f()")) == "assert 1 == 2"
     assert plugin._message(report("   ")) == ""
+
+
+def test_working_tree_bytes_counts_what_a_device_call_carries(tmp_path):
+    """Tracked and untracked files travel with a call; ignored ones do not."""
+    mod = _load_bundle_module()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("build/\n")
+    (tmp_path / "tracked.txt").write_bytes(b"x" * 1000)
+    subprocess.run(["git", "-C", str(tmp_path), "add", "."], check=True)
+    (tmp_path / "untracked.txt").write_bytes(b"y" * 300)
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "big.bin").write_bytes(b"z" * 100_000)
+    assert mod.working_tree_bytes(tmp_path) == 1000 + 300 + len("build/\n")
+    (tmp_path / "tracked.txt").unlink()  # deleted, not yet committed: nothing travels
+    assert mod.working_tree_bytes(tmp_path) == 300 + len("build/\n")
