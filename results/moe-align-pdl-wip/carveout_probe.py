@@ -21,7 +21,6 @@ import os
 import statistics
 
 import torch
-
 from vllm.model_executor.layers.fused_moe.moe_align_block_size import (
     moe_align_block_size,
 )
@@ -94,11 +93,18 @@ def main():
             graphs[("shared", c)] = capture(m, c, False, routing=False)
         t = time_graphs(graphs)
         for c in CARVEOUTS:
-            row = {"tokens": m, "carveout": c, "op_us": t[("op", c)],
-                   "triton_pdl_us": t[("pdl", c)], "shared_alone_us": t[("shared", c)]}
+            row = {
+                "tokens": m,
+                "carveout": c,
+                "op_us": t[("op", c)],
+                "triton_pdl_us": t[("pdl", c)],
+                "shared_alone_us": t[("shared", c)],
+            }
             rows.append(row)
-            print(f"{m:6d} {c:9d} {row['op_us']:9.2f} {row['triton_pdl_us']:11.2f} "
-                  f"{row['shared_alone_us']:13.2f}")
+            print(
+                f"{m:6d} {c:9d} {row['op_us']:9.2f} {row['triton_pdl_us']:11.2f} "
+                f"{row['shared_alone_us']:13.2f}"
+            )
     with open(os.path.join(os.environ["OUT"], "carveout-probe.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
