@@ -150,26 +150,31 @@ def allocator_counts() -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in keys}
 
 
-def gpu_timeline(intervals: list[tuple[int, float, float]]) -> dict:
-    """How the device's activities (stream, start µs, end µs) fill their span:
+# The fields of ``gpu_timeline`` that add up over decode steps, so a
+# difference of two profiles gives them per step.
+PER_STEP_TIMELINE = ("busy_us", "overlap_us")
+
+
+def gpu_timeline(intervals: list[tuple[float, float]]) -> dict:
+    """How the device's activities (start µs, end µs) fill their span:
     the time any stream was busy, the time two or more were (at decode, the
     shared experts beside the critical path), and the span's idle time
     (launch gaps, waits on the host). No per-stream times: a CUDA graph's
     replay runs its kernels on streams of the graph's own, so a stream's
     busy time says nothing about which branch of the model it carried."""
     busy, covered_to = 0.0, None
-    for _, start, end in sorted(intervals, key=lambda i: i[1]):
+    for start, end in sorted(intervals):
         if covered_to is None or start > covered_to:
             busy += end - start
             covered_to = end
         elif end > covered_to:
             busy += end - covered_to
             covered_to = end
-    span = max(e for _, _, e in intervals) - min(s for _, s, _ in intervals) if intervals else 0.0
+    span = max(e for _, e in intervals) - min(s for s, _ in intervals) if intervals else 0.0
     return {
         "span_us": span,
         "busy_us": busy,
-        "overlap_us": sum(e - s for _, s, e in intervals) - busy,
+        "overlap_us": sum(e - s for s, e in intervals) - busy,
         "idle_us": span - busy,
     }
 
@@ -186,7 +191,7 @@ def profile_step(step, top_host: int = 40) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall_ms = step()
     intervals = [
-        (evt.device_resource_id, evt.time_range.start, evt.time_range.end)
+        (evt.time_range.start, evt.time_range.end)
         for evt in prof.events()
         if evt.device_type == torch.autograd.DeviceType.CUDA
     ]
@@ -229,7 +234,7 @@ def profile_decode(timed, ps: list[dict], batch: int) -> dict:
         # they also hold the host's time between steps, which varies under the
         # profiler, so the difference of two spans says nothing per step.
         less, more = one["timeline"], many["timeline"]
-        return {k: (more[k] - less[k]) / PROFILE_DECODE_STEPS for k in ("busy_us", "overlap_us")}
+        return {k: (more[k] - less[k]) / PROFILE_DECODE_STEPS for k in PER_STEP_TIMELINE}
 
     return {
         "step": f"decode batch {batch}, per step",

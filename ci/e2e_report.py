@@ -22,6 +22,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from e2e_engine import PER_STEP_TIMELINE
+
 METRICS = ("decode_ms", "prefill_ms")
 
 
@@ -119,7 +121,7 @@ def _busy_times_only(decode_profile: dict) -> dict:
     recorded before ``e2e_engine.profile_decode`` stopped differencing them."""
     if "timeline" not in decode_profile:
         return decode_profile
-    kept = {k: decode_profile["timeline"][k] for k in ("busy_us", "overlap_us")}
+    kept = {k: decode_profile["timeline"][k] for k in PER_STEP_TIMELINE}
     return {**decode_profile, "timeline": kept}
 
 

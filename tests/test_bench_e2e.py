@@ -287,8 +287,8 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
 def test_gpu_timeline_counts_overlap_once_and_gaps_as_idle():
     import e2e_engine
 
-    # main stream 7: [0, 10], [12, 20], [30, 35]; side stream 9: [5, 15]
-    intervals = [(7, 0.0, 10.0), (9, 5.0, 15.0), (7, 12.0, 20.0), (7, 30.0, 35.0)]
+    # main stream: [0, 10], [12, 20], [30, 35]; side stream: [5, 15]
+    intervals = [(0.0, 10.0), (5.0, 15.0), (12.0, 20.0), (30.0, 35.0)]
     timeline = e2e_engine.gpu_timeline(intervals)
     assert timeline == {
         "span_us": 35.0,
@@ -299,7 +299,7 @@ def test_gpu_timeline_counts_overlap_once_and_gaps_as_idle():
     # order of the activities does not matter
     assert e2e_engine.gpu_timeline(intervals[::-1]) == timeline
     # an activity inside another adds nothing to the busy time
-    assert e2e_engine.gpu_timeline([(7, 0.0, 10.0), (9, 2.0, 3.0)])["busy_us"] == 10.0
+    assert e2e_engine.gpu_timeline([(0.0, 10.0), (2.0, 3.0)])["busy_us"] == 10.0
     assert e2e_engine.gpu_timeline([]) == {
         "span_us": 0.0,
         "busy_us": 0.0,
