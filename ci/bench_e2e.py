@@ -10,7 +10,10 @@ Timing (dummy weights on the published config, full CUDA graphs for decode,
 no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 
 * decode ms per output token at each batch: (time of a 1+T-token generation
-  minus a 1-token one) / T, T = 128, prompts of 32 tokens;
+  minus a 1-token one) / T, T = 128, prompts of 32 tokens; with each
+  repetition the process's CPU time over wall time, the host's load and the
+  GPU's SM clock and temperature, so a slow repetition shows whether the
+  host or the GPU's clocks set it (``report``'s machine-state table);
 * prefill ms of 1 x 2,048 and 4 x 2,048 prompt tokens (one engine step);
 * ``--modes eager`` adds the same without CUDA graphs, where host cost shows;
 * ``--profile``: GPU time per kernel of one 1 x 2,048 prefill and of one
@@ -97,12 +100,15 @@ def device_main(args: argparse.Namespace) -> int:
 
 
 def diagnostics(records: list[dict], profile_top: int = 15) -> str:
-    """The kernel/host profile and allocator tables, where the records have them."""
+    """The kernel/host profile, allocator and machine-state tables, where the
+    records have them."""
     text = ""
     if any("profile" in r for r in records):
         text += "\n" + e2e_report.profile_table(records, profile_top)
     if any(r.get("prefill_allocator") for r in records):
         text += "\n" + e2e_report.allocator_table(records)
+    if any(r.get("decode_state") for r in records):
+        text += "\n" + e2e_report.machine_table(records)
     return text
 
 

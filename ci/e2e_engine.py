@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -99,17 +100,12 @@ def child_time(args: argparse.Namespace) -> dict:
         llm.generate(ps, sp, use_tqdm=False)
         return (time.perf_counter() - t) * 1000
 
-    decode = {}
+    decode, decode_state = {}, {}
     for b in batches:
         ps = prompts(b, PROMPT_LEN, SEED + b)
         timed(ps, 8)  # warm-up: kernels compiled, graphs touched
-        reps = []
-        for _ in range(args.reps):
-            one = timed(ps, 1)
-            many = timed(ps, 1 + DECODE_TOKENS)
-            reps.append((many - one) / DECODE_TOKENS)
-        decode[str(b)] = reps
-        log(f"{args.tree} {args.model} {args.mode} batch {b}: {min(reps):.3f} ms/token")
+        decode[str(b)], decode_state[str(b)] = time_decode(timed, ps, args.reps)
+        log(f"{args.tree} {args.model} {args.mode} batch {b}: {min(decode[str(b)]):.3f} ms/token")
     prefill, allocator = {}, {}
     for b, n in PREFILLS:
         ps = prompts(b, n, SEED + 7 * b)
@@ -124,6 +120,7 @@ def child_time(args: argparse.Namespace) -> dict:
         **parallel_setup(llm),
         "start_s": started,
         "decode_ms": decode,
+        "decode_state": decode_state,
         "prefill_ms": prefill,
         "prefill_allocator": allocator,
     }
@@ -137,6 +134,44 @@ def child_time(args: argparse.Namespace) -> dict:
             if b in batches
         }
     return result
+
+
+def time_decode(timed, ps: list[dict], reps: int) -> tuple[list[float], list[dict]]:
+    """ms per output token of ``reps`` repetitions (a 1+T-token generation
+    less a 1-token one, over T), and with each the state of the machine
+    around its T-token generation: this process's CPU time over its wall
+    time (near 1: the host, not the GPU, sets the pace) and
+    ``machine_state`` right after it. A repetition slower than the others
+    of its process can then be told apart by its cause."""
+    per_token, states = [], []
+    for _ in range(reps):
+        one = timed(ps, 1)
+        cpu = time.process_time()
+        many = timed(ps, 1 + DECODE_TOKENS)
+        cpu_ms = (time.process_time() - cpu) * 1000
+        per_token.append((many - one) / DECODE_TOKENS)
+        states.append({"host_cpu_share": cpu_ms / many, **machine_state()})
+    return per_token, states
+
+
+def machine_state() -> dict:
+    """What outside the tree can slow a step: the host's 1-minute load
+    average, and the GPU's SM clock (MHz) and temperature (°C) through
+    NVML. A reading that fails is None."""
+    import torch
+
+    readers = {
+        "load1": lambda: os.getloadavg()[0],
+        "sm_mhz": torch.cuda.clock_rate,
+        "gpu_c": torch.cuda.temperature,
+    }
+    state: dict = {}
+    for key, read in readers.items():
+        try:
+            state[key] = read()
+        except Exception:  # no NVML binding, a driver or sandbox without the query
+            state[key] = None
+    return state
 
 
 def allocator_counts() -> dict[str, int]:

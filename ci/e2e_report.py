@@ -156,6 +156,34 @@ def allocator_table(records: list[dict]) -> str:
     return "\n".join(rows) + "\n" if len(rows) > 2 else ""
 
 
+def machine_table(records: list[dict]) -> str:
+    """Each process's decode repetitions beside the state of the machine
+    they ran in (``e2e_engine.time_decode``): ms per output token, the
+    process's CPU time over wall time, the host's load, the GPU's SM clock
+    and temperature. Raw files from before these were recorded give none."""
+    rows = [
+        "| model | mode | tree | process | batch | ms/token per repetition "
+        "| host CPU / wall | load (1 min) | SM MHz | GPU °C |",
+        "|---|---|---|---:|---:|---|---|---:|---|---:|",
+    ]
+    for rec in records:
+        for batch, states in sorted(rec.get("decode_state", {}).items(), key=lambda kv: int(kv[0])):
+            reps = rec["decode_ms"].get(batch, [])
+            clocks = [s["sm_mhz"] for s in states if s.get("sm_mhz") is not None]
+            temps = [s["gpu_c"] for s in states if s.get("gpu_c") is not None]
+            ms = " ".join(f"{r:.3f}" for r in reps)
+            cpu = " ".join(f"{s['host_cpu_share']:.2f}" for s in states)
+            loads = [s["load1"] for s in states if s.get("load1") is not None]
+            load = f"{max(loads):.1f}" if loads else "–"
+            clock = f"{min(clocks)}–{max(clocks)}" if clocks else "–"
+            temp = max(temps) if temps else "–"
+            rows.append(
+                f"| {rec['model']} | {rec['mode']} | {rec['tree']} | {rec.get('seq', '')} "
+                f"| {batch} | {ms} | {cpu} | {load} | {clock} | {temp} |"
+            )
+    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
+
+
 def _spread(values: list[float]) -> float | None:
     """(max - min) / median over processes; None with fewer than two."""
     if len(values) < 2:

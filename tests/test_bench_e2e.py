@@ -434,3 +434,67 @@ def test_report_names_the_base_and_refuses_to_mix_bases(tmp_path):
     with pytest.raises(SystemExit, match="compare against different bases"):
         bench_e2e.main(["report", *paths])
     assert bench_e2e.main(["report", paths[0]]) == 0
+
+
+def test_time_decode_records_the_machine_state_with_each_repetition(monkeypatch):
+    import e2e_engine
+
+    # a 1-token generation takes 10 ms, a 129-token one 10 + 128 * 2.5 ms,
+    # the second repetition's 129 tokens 128 * 0.5 ms longer
+    walls = iter([10.0, 330.0, 10.0, 394.0])
+    cpu_s = iter([0.0, 0.3, 1.0, 1.1])
+    monkeypatch.setattr(e2e_engine.time, "process_time", lambda: next(cpu_s))
+    loads = iter([1.5, 7.0])
+    monkeypatch.setattr(
+        e2e_engine,
+        "machine_state",
+        lambda: {"load1": next(loads), "sm_mhz": 1980, "gpu_c": 40},
+    )
+    per_token, states = e2e_engine.time_decode(lambda ps, n: next(walls), [], 2)
+    assert per_token == pytest.approx([2.5, 3.0])
+    assert [s["host_cpu_share"] for s in states] == pytest.approx([300 / 330, 100 / 394])
+    assert [s["load1"] for s in states] == [1.5, 7.0]
+
+
+def test_machine_state_reads_none_where_nvml_fails(monkeypatch):
+    import e2e_engine
+    import torch
+
+    def no_nvml(*_):
+        raise ModuleNotFoundError("pynvml")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    monkeypatch.setattr(torch.cuda, "temperature", lambda *_: 55)
+    state = e2e_engine.machine_state()
+    assert state["sm_mhz"] is None and state["gpu_c"] == 55
+    assert state["load1"] >= 0
+    monkeypatch.setattr(e2e_engine.os, "getloadavg", no_nvml)
+    assert e2e_engine.machine_state()["load1"] is None
+
+
+def test_machine_table_lists_each_process_batch_with_its_state():
+    states = [
+        {"host_cpu_share": 0.61, "load1": 1.2, "sm_mhz": 1980, "gpu_c": 41},
+        {"host_cpu_share": 0.97, "load1": 9.5, "sm_mhz": 1755, "gpu_c": 43},
+    ]
+    unread = {"host_cpu_share": 0.5, "load1": None, "sm_mhz": None, "gpu_c": None}
+    rec = record("patched", b1=[2.2, 2.9], b8=[4.6, 4.6]) | {
+        "seq": 3,
+        "decode_state": {
+            "8": states,
+            "1": states[:1] + [{**states[1], "sm_mhz": None}],
+            "32": [unread],
+        },
+    }
+    text = e2e_report.machine_table([record("base", b1=[2.5]), rec])
+    lines = [line for line in text.splitlines() if line.startswith("| a2.7b")]
+    # only the process with states; batches in numeric order; a missing clock
+    # reading is left out of the range
+    assert lines == [
+        "| a2.7b | graph | patched | 3 | 1 | 2.200 2.900 | 0.61 0.97 | 9.5 | 1980–1980 | 43 |",
+        "| a2.7b | graph | patched | 3 | 8 | 4.600 4.600 | 0.61 0.97 | 9.5 | 1755–1980 | 43 |",
+        "| a2.7b | graph | patched | 3 | 32 |  | 0.50 | – | – | – |",
+    ]
+    assert e2e_report.machine_table([record("base", b1=[2.5])]) == ""
+    # the report prints it with the other diagnostics
+    assert text in bench_e2e.diagnostics([record("base", b1=[2.5]), rec])
