@@ -1,7 +1,9 @@
 """Command line of apply.py: parse, dispatch, report errors in one line."""
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from . import logger
 from .errors import ToolError
+from .layout import default_build_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +32,9 @@ file not listed in it, 5 verification failed (hash, version, commit), 6 network
 unreachable, 7 patch conflict, 8 target has local work, 9 target locked,
 10 patches/ drifted from the tree, 11 unsafe archive, 12 truncated download,
 13 series entry listed twice, 14 listed patch file missing, 15 not a patch,
-16 a git command failed, 17 the cache cannot be written (-v: the details).
+16 a git command failed, 17 the cache cannot be written (-v: the details),
+130 interrupted (Ctrl-C). `check` collects what it finds (missing or unlisted
+files, headers, conflicts) and exits 4, or 10 when only the round trip differs.
 Downloads and pristine bases are cached in $VLLM_MOE_PATCHES_CACHE
 (default: $XDG_CACHE_HOME/vllm-moe-patches, i.e. ~/.cache/vllm-moe-patches).
 """
@@ -72,7 +77,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="say more, and give an error's details (git's own output); -vv: every git command",
     )
-    group.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    group.add_argument("-q", "--quiet", action="store_true", help="only errors (and --json output)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,10 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
+    default_build_paths(args)
     if args.cache_dir:
         os.environ["VLLM_MOE_PATCHES_CACHE"] = str(args.cache_dir)
+    quiet_stdout = args.quiet and not getattr(args, "json", False)
     try:
-        return int(args.run(args) or 0)
+        with (
+            contextlib.redirect_stdout(io.StringIO())
+            if quiet_stdout
+            else (contextlib.nullcontext())
+        ):
+            return int(args.run(args) or 0)
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
         if args.verbose:

@@ -4,16 +4,14 @@ import json
 import sys
 from pathlib import Path
 
-from . import export, gitutil
+from . import export, gitutil, ownership
 from .build import build, fingerprint, read_state
 from .check import check
-from .errors import DriftError, SeriesError
+from .errors import DriftError, SeriesError, TargetError
 from .layout import BASE_TAG, BRANCH
 from .pin import load_pin
 from .series import read_series
 from .source import add_source_argument
-
-DEFAULT_TARGET = Path("build/vllm")
 
 APPLY_DOC = """\
 Build the patched tree.
@@ -44,7 +42,7 @@ sources:
 
 def _target_arg(parser) -> None:
     parser.add_argument(
-        "--target", type=Path, default=DEFAULT_TARGET, help="the built tree (default: %(default)s)"
+        "--target", type=Path, help="the built tree (default: build/vllm beside patches/)"
     )
 
 
@@ -170,6 +168,11 @@ def configure_export(parser) -> None:
         action="store_true",
         help="write nothing; exit 10 if patches/ differs from the tree",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="export even over patch files or a pin changed since the last build",
+    )
 
 
 EXPORT_DOC = """\
@@ -183,6 +186,11 @@ hand: the patch file with the same subject, else a slug of the subject),
 removes that trailer, deletes the old patch files and rewrites patches/series
 in commit order, keeping its leading comment. apply then export reproduces
 patches/ byte for byte.
+
+Refused while a build of TARGET runs (exit 9) or after one was killed (exit 8:
+run apply.py to finish it), and when patches/ or vllm.pin changed since TARGET
+was built (exit 10), since export would overwrite those edits: build them
+first, or pass --force. After a failed build it exports what is checked out.
 """
 
 
@@ -191,21 +199,49 @@ def run_export(args) -> int:
         export.check_drift(args.target, args.patches)
         print(f"{args.patches}: matches {args.target}")
         return 0
-    names = export.export(args.target, args.patches, args.revision_range)
+    with ownership.locked(args.target):
+        if ownership.interrupted(args.target):
+            raise TargetError(
+                f"{args.target}: holds a build that was interrupted; "
+                "run `python apply.py` to finish it, then export"
+            )
+        if not args.force:
+            _refuse_unbuilt_edits(args)
+        names = export.export(args.target, args.patches, args.revision_range)
     for name in names:
         print(f"wrote patches/{name}")
     return 0
+
+
+def _refuse_unbuilt_edits(args) -> None:
+    """Export rewrites patches/ from the tree: edits made to patches/ or the pin
+    since the tree was built would be lost. After a failed build the files
+    are expected to differ (the fix is made in the tree)."""
+    state = read_state(args.target) if gitutil.is_repo(args.target) else None
+    if state is None or state.failed:
+        return
+    try:
+        current = fingerprint(args.pin.read_bytes(), read_series(args.patches))
+    except (OSError, SeriesError):
+        current = None
+    if current != state.fingerprint:
+        raise DriftError(
+            f"{args.patches}: changed since {args.target} was built (or vllm.pin did); "
+            "export would overwrite those edits",
+            "run `python apply.py` to build them first, or pass --force to export anyway",
+        )
 
 
 CHECK_DOC = """\
 Lint the series and prove it, without touching the built tree.
 
 Fails (exit 4) when a listed file is missing, a patch file is not listed, a
-name repeats, a file is not `git format-patch` text, or a header lacks a
-description, an `Upstream:` trailer (PR URL or 'not yet'), a known `Status:`
-or a `Tests:` trailer. Then applies the series in a scratch tree from the
-cached base, checks that every `Tests:` path exists there, and that export
-reproduces patches/ byte for byte (exit 10 when it does not).
+file is not `git format-patch` text, or a header lacks a description, an
+`Upstream:` trailer (PR URL or 'not yet'), a known `Status:` or a `Tests:`
+trailer; a series that lists a name twice stops it at once (exit 13). Then
+applies the series in a scratch tree from the cached base, checks that every
+`Tests:` path exists there, and that export reproduces patches/ byte for byte
+(exit 10 when it does not).
 """
 
 

@@ -89,13 +89,21 @@ def names_by_subject(patches: list[Patch]) -> dict[str, str]:
 
 
 def series_text(old: str | None, names: list[str]) -> str:
-    """The series file listing `names`, keeping the old file's leading comment."""
+    """The series file listing `names`: the old file itself when it lists the
+    same names in the same order (its comments and blank lines kept), else the
+    old file's leading comment and then the names."""
+    if old is not None and _entries(old) == names:
+        return old
     header = []
     for line in (old or "").splitlines():
         if line.split("#", 1)[0].strip():
             break
         header.append(line)
     return "".join(f"{line}\n" for line in [*header, *names])
+
+
+def _entries(series: str) -> list[str]:
+    return [e for e in (line.split("#", 1)[0].strip() for line in series.splitlines()) if e]
 
 
 def drift(patches_dir: Path, rendered: list[tuple[str, bytes]]) -> list[str]:
@@ -150,6 +158,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def check_drift(target: Path, patches_dir: Path) -> None:
+    if not gitutil.is_repo(target) or not gitutil.rev(target, BASE_TAG):
+        raise ToolError(f"{target}: not a tree built by apply.py (no '{BASE_TAG}' tag)")
     drifted = drift(patches_dir, render(target, f"{BASE_TAG}..HEAD", known_names(patches_dir)))
     if drifted:
         raise DriftError(

@@ -35,6 +35,7 @@ def locked(target: Path):
         handle = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise TargetError(f"{target}: cannot use as the target: {e.strerror or e}") from None
+    acquired = False
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,14 +43,18 @@ def locked(target: Path):
             raise LockedError(
                 f"{target}: another apply.py run is building it; try again when it ends"
             ) from None
+        acquired = True
         yield
     finally:
-        os.close(handle)  # releases the lock
-        if created:
+        # Only the holder removes the directory, and while it still holds the
+        # lock: two runs may both have found it missing, and the one refused
+        # must not remove it from under the one building.
+        if created and acquired:
             try:
                 target.rmdir()
             except OSError:
                 pass  # not empty: the run wrote a tree
+        os.close(handle)  # releases the lock
 
 
 def marker_path(target: Path) -> Path:

@@ -69,6 +69,8 @@ def load_pin(path: Path) -> Pin:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PinError(f"{path}: pin file not found") from None
+    except UnicodeDecodeError as e:
+        raise PinError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse_pin(text, Path(path))
 
 

@@ -63,7 +63,6 @@ from .release import resolve_release
 from .replay import CLEAN, CONFLICT, THREE_WAY, UPSTREAMED, am_in_progress, apply_mbox
 from .series import read_series
 
-DEFAULT_WORK = Path("build/rebase")
 OLD_BASE, OLD_BRANCH = "rebase/old-base", "rebase/old"
 NEW_BASE, NEW_BRANCH = "rebase/new-base", "rebase/new"
 

@@ -9,7 +9,6 @@ from . import rebase
 from .build import BRANCH
 from .errors import ToolError
 from .rebase import (
-    DEFAULT_WORK,
     NEW_BASE,
     NEW_BRANCH,
     OLD_BASE,
@@ -89,8 +88,7 @@ def configure_rebase(parser) -> None:
     parser.add_argument(
         "--work",
         type=Path,
-        default=DEFAULT_WORK,
-        help="the rebase work tree (default: %(default)s)",
+        help="the rebase work tree (default: build/rebase beside patches/)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON report")
 

@@ -47,8 +47,12 @@ def read_series_names(patches_dir: Path) -> list[str]:
     series = Path(patches_dir) / "series"
     if not series.is_file():
         raise SeriesError(f"{series}: series file not found")
+    try:
+        text = series.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SeriesError(f"{series}: not UTF-8 text (byte {e.start})") from None
     names: list[str] = []
-    for lineno, line in enumerate(series.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
@@ -93,7 +97,10 @@ def parse_patch(name: str, path: Path) -> Patch:
         data = path.read_bytes()
     except FileNotFoundError:
         raise MissingPatchError(f"{path}: listed in series but missing") from None
-    text = data.decode("utf-8", "replace")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotAPatchError(f"{path}: not UTF-8 text (byte {e.start})") from None
     lines = text.split("\n")
     if not lines[0].startswith("From ") or "\ndiff --git " not in text:
         raise NotAPatchError(f"{path}: not a git format-patch file")
@@ -106,6 +113,15 @@ def parse_patch(name: str, path: Path) -> Patch:
         if not headers.get(key):
             raise NotAPatchError(f"{path}: missing '{key}:' header")
     message = message_of("\n".join(lines[blank + 1 :]))
+    # `git am` drops a carriage return at the end of every line (an editor's
+    # or a checkout's CRLF conversion, or a file's own), so such a patch
+    # would build something other than what it says.
+    for lineno, line in enumerate(lines, 1):
+        if line.endswith("\r"):
+            raise NotAPatchError(
+                f"{path}:{lineno}: CRLF line ending, which `git am` would drop "
+                "(git format-patch writes LF)"
+            )
     paragraphs = message.strip("\n").split("\n\n")
     trailers: dict[str, list[str]] = {}
     body = message.strip("\n")
@@ -162,7 +178,7 @@ def header_problems(patch: Patch) -> list[str]:
     status = patch.trailers.get("Status")
     if not status:
         problems.append("missing 'Status:' trailer")
-    elif status[-1].split()[0] not in STATUSES:
+    elif not status[-1].split() or status[-1].split()[0] not in STATUSES:
         problems.append(f"unknown 'Status: {status[-1]}' (one of {', '.join(STATUSES)})")
     elif status[-1].split()[0] in ("submitted", "accepted") and not (
         upstream and upstream[-1].startswith("https://")

@@ -102,12 +102,19 @@ def _commit_tree(tree: Path, message: str) -> str:
     return gitutil.rev(tree, "HEAD")
 
 
-def _cached_base(key: str, source: str, label: str) -> Base | None:
+def _cached_base(key: str, pin: Pin, source: str, label: str) -> Base | None:
+    """The cached base `key`, verified against the pin as a new one would be.
+
+    The key is the source's hash; the pin's version and commit are checked
+    again on every use, so a pin edited to another release is refused whether
+    or not the old release is cached.
+    """
     repo = cache_root() / "base" / key
     marker = repo / ".git" / _BASE_MARKER
     if marker.is_file():
         commit = marker.read_text().strip()
         if gitutil.rev(repo, commit) == commit:
+            verify_tree(repo, pin)
             return Base(repo, commit, source, label)
     return None
 
@@ -118,12 +125,12 @@ def _make_base(key: str, pin: Pin, label: str, source: str, unpack) -> Base:
     `unpack(scratch)` writes the release tree into a scratch directory and
     returns it; it is verified, committed there, and published whole.
     """
-    cached = _cached_base(key, source, label)
+    cached = _cached_base(key, pin, source, label)
     if cached:
         return cached
     entry, final = f"base-{key}", cache_root() / "base" / key
     with cache_lock(entry):
-        cached = _cached_base(key, source, label)  # made while we waited
+        cached = _cached_base(key, pin, source, label)  # made while we waited
         if cached:
             return cached
         work = scratch(entry)
@@ -154,7 +161,7 @@ def base_from_tarball(archive: Path, pin: Pin, label: str, source: str) -> Base:
 
 def base_from_sdist(pin: Pin) -> Base:
     label = f"sdist {pin.sdist_filename}"
-    cached = _cached_base(f"sdist-{pin.sdist_sha256}", "sdist", label)
+    cached = _cached_base(f"sdist-{pin.sdist_sha256}", pin, "sdist", label)
     if cached:
         return cached
     found = index.find_file("vllm", pin.sdist_filename)
@@ -252,7 +259,8 @@ def resolve_base(pin: Pin, source: str = "auto") -> Base:
     if source == "sdist":
         return base_from_sdist(pin)
     if source == "auto":
-        cached = _cached_base(f"sdist-{pin.sdist_sha256}", "sdist", f"sdist {pin.sdist_filename}")
+        label = f"sdist {pin.sdist_filename}"
+        cached = _cached_base(f"sdist-{pin.sdist_sha256}", pin, "sdist", label)
         if git_reachable(pin.repository):
             logger.info("source: git (%s answered)", pin.repository)
             return base_from_git(pin)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import gitutil, logger
 from .errors import ConflictError, SeriesError, TargetError, ToolError
-from .layout import BASE_TAG
+from .layout import BASE_TAG, build_dir
 from .pin import load_pin
 from .release import resolve_release
 from .replay import CLEAN, THREE_WAY, UPSTREAMED, apply_mbox, write_mbox
@@ -45,7 +45,6 @@ from .source import add_source_argument, resolve_base
 from .testing.runner import run_pytest
 from .testing.selection import Selector, build_spec, select
 
-DEFAULT_OUT = Path("build/upstream")
 PROJECT_TRAILERS = ("Upstream", "Status", "Tests", "Related", "Patch-Filename")
 MARKER = "moepatch-upstream"
 _BENCH = re.compile(
@@ -273,7 +272,7 @@ def prepare(
     patches = read_series(patches_dir)
     at = _find(patches, name)
     patch = patches[at]
-    out = Path(out or DEFAULT_OUT / _stem(patch.name)).resolve()
+    out = Path(out or build_dir(patches_dir) / "upstream" / _stem(patch.name)).resolve()
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise TargetError(f"{out}: exists and was not written by apply.py upstream")
@@ -373,7 +372,11 @@ def configure_upstream(parser) -> None:
         metavar="VERSION|PATH",
         help="a newer base than the pin: a version on the index or a local sdist / tree",
     )
-    parser.add_argument("--out", type=Path, help=f"output directory (default: {DEFAULT_OUT}/NAME)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default: build/upstream/NAME beside patches/)",
+    )
     add_source_argument(parser, help="where the pinned release comes from (default: auto)")
     parser.add_argument("--no-tests", action="store_true", help="skip the CPU tests")
     parser.add_argument("--no-lint", action="store_true", help="skip ruff")

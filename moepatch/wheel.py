@@ -25,7 +25,6 @@ from packaging.version import InvalidVersion, Version
 
 from . import gitutil
 from .build import BASE_TAG, BRANCH, fingerprint, read_state
-from .commands import DEFAULT_TARGET
 from .errors import DriftError, ToolError
 from .index import sha256_file
 from .pin import Pin, load_pin
@@ -345,7 +344,7 @@ def configure_wheel(parser) -> None:
         "--out", type=Path, default=Path("dist"), help="where the wheel goes (default: %(default)s)"
     )
     parser.add_argument(
-        "--target", type=Path, default=DEFAULT_TARGET, help="the built tree (default: %(default)s)"
+        "--target", type=Path, help="the built tree (default: build/vllm beside patches/)"
     )
     parser.add_argument(
         "--wheel",

@@ -38,13 +38,13 @@ import tempfile
 from pathlib import Path
 
 from ..errors import TestSetupError, ToolError
+from ..layout import default_build_paths
 from .merge import compare, format_compare, load_summary, merge
 from .runner import STOP_GRACE_S, git_rev, run_pytest, tree_version
 from .selection import ALL_MOE, TESTS_TOML, Selector, build_spec, plan, select
 from .summary import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, format_table
 
 REPO = Path(__file__).resolve().parent.parent.parent
-DEFAULT_TREE = Path("build/vllm")
 
 
 TEST_DOC = "Run the patches' tests and vLLM's upstream tests on a built tree.\n\n" + (
@@ -88,8 +88,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tree",
         type=Path,
-        default=DEFAULT_TREE,
-        help="built vLLM tree (default: build/vllm)",
+        help="built vLLM tree (default: build/vllm beside patches/)",
     )
     p.add_argument(
         "--base",
@@ -310,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("-q", "--quiet", action="store_true", help="hide pytest's own output")
     args = ap.parse_args(argv)
+    default_build_paths(args)
     try:
         return run(args)
     except ToolError as e:
