@@ -157,6 +157,12 @@ def read_series(patches_dir: Path) -> list[Patch]:
     patches_dir = Path(patches_dir)
     names = read_series_names(patches_dir)
     unlisted = unlisted_patches(patches_dir, names)
+    if unlisted and not names:
+        raise SeriesError(
+            f"{patches_dir / 'series'}: lists no patches, but {patches_dir} holds "
+            f"{len(unlisted)} ({unlisted[0]}{', ...' if len(unlisted) > 1 else ''})",
+            "list them in the series, in order (or delete them)",
+        )
     if unlisted:
         raise SeriesError(
             f"{patches_dir / unlisted[0]}: not listed in {patches_dir / 'series'}",

@@ -291,7 +291,8 @@ def test_check_reports_drift(project, two_patches, capsys):
         ("a.patch\na.patch\n", {"a.patch": None}, "listed twice", 13),
         ("a.patch\n", {"a.patch": b"just text\n"}, "not a git format-patch file", 15),
         ("", {"stray.patch": None}, "not listed in patches/series", 4),
-        ("", {"stray.patch": None}, "stray.patch: not listed in", 4),
+        ("# none yet\n", {"stray.patch": None}, "series: lists no patches, but", 4),
+        ("a.patch\n", {"a.patch": None, "stray.patch": None}, "stray.patch: not listed in", 4),
     ],
 )
 def test_bad_series_is_one_line_error(project, two_patches, capsys, series, files, message, code):
