@@ -126,13 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     default_build_paths(args)
     if args.cache_dir:
         os.environ["VLLM_MOE_PATCHES_CACHE"] = str(args.cache_dir)
-    quiet_stdout = args.quiet and not getattr(args, "json", False)
+    # -q keeps errors (stderr) and machine-readable --json output only.
+    quiet = args.quiet and not getattr(args, "json", False)
+    output = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
     try:
-        with (
-            contextlib.redirect_stdout(io.StringIO())
-            if quiet_stdout
-            else (contextlib.nullcontext())
-        ):
+        with output:
             return int(args.run(args) or 0)
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
