@@ -36,6 +36,10 @@ class State:
     def complete(self) -> bool:
         return self.failed is None and self.head is not None
 
+    def built_from(self, pin_text: bytes, patches: list[Patch]) -> bool:
+        """Whether this build used exactly this pin and these patch files."""
+        return self.fingerprint == fingerprint(pin_text, patches)
+
 
 @dataclass
 class BuildResult:

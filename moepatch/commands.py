@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from . import export, gitutil, ownership
-from .build import build, fingerprint, read_state
+from .build import build, read_state
 from .check import check
 from .errors import DriftError, SeriesError, TargetError
 from .layout import BASE_TAG, BRANCH
@@ -102,7 +102,7 @@ def run_status(args) -> int:
     patches = read_series(args.patches)
     state = read_state(args.target) if gitutil.is_repo(args.target) else None
     applied = {a["name"]: a["commit"] for a in (state.applied if state else [])}
-    current = state is not None and state.fingerprint == fingerprint(args.pin.read_bytes(), patches)
+    current = state is not None and state.built_from(args.pin.read_bytes(), patches)
     rows = []
     for p in patches:
         if state and state.failed == p.name:
@@ -221,10 +221,10 @@ def _refuse_unbuilt_edits(args) -> None:
     if state is None or state.failed:
         return
     try:
-        current = fingerprint(args.pin.read_bytes(), read_series(args.patches))
+        current = state.built_from(args.pin.read_bytes(), read_series(args.patches))
     except (OSError, SeriesError):
-        current = None
-    if current != state.fingerprint:
+        current = False
+    if not current:
         raise DriftError(
             f"{args.patches}: changed since {args.target} was built (or vllm.pin did); "
             "export would overwrite those edits",

@@ -11,7 +11,9 @@ Layout of a built tree (a normal git checkout):
                             was killed): the tree is the tool's own
 
 Build writes these names and export reads them back; both import them from
-here, so neither module depends on the other for them.
+here, so neither module depends on the other for them. Where the built tree
+and the other work trees lie by default (`build_dir`) is here too, for every
+command line that takes them.
 """
 
 from pathlib import Path

@@ -24,7 +24,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from . import gitutil
-from .build import BASE_TAG, BRANCH, fingerprint, read_state
+from .build import BASE_TAG, BRANCH, read_state
 from .errors import DriftError, ToolError
 from .index import sha256_file
 from .pin import Pin, load_pin
@@ -116,7 +116,7 @@ def _checked_state(target: Path, pin_text: bytes, patches: list[Patch]):
     head = gitutil.rev(target, BRANCH) if state else None
     if not state or not head or not gitutil.rev(target, BASE_TAG):
         raise NoTreeError(f"{target}: no built tree (run `python apply.py` first)")
-    if state.fingerprint != fingerprint(pin_text, patches):
+    if not state.built_from(pin_text, patches):
         raise DriftError(
             f"{target}: built from another vllm.pin or patches/ (run `python apply.py`)"
         )
