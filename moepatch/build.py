@@ -86,8 +86,7 @@ def with_filename_trailer(patch: Patch) -> bytes:
     The trailer lets `export` write each commit back to the file it came from,
     whatever its subject becomes; export removes it again.
     """
-    text = patch.data.decode("utf-8")
-    head, sep, mail_body = text.partition("\n\n")
+    head, sep, mail_body = patch.text.partition("\n\n")
     message = message_of(mail_body)
     trimmed = message.rstrip("\n")
     new_message = trimmed + f"\n{FILENAME_TRAILER}: {patch.name}" + message[len(trimmed) :]

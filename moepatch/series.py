@@ -38,9 +38,13 @@ class Patch:
     def tests(self) -> list[str]:
         return self.trailers.get("Tests", [])
 
+    @property
+    def text(self) -> str:
+        # parse_patch refused anything that is not UTF-8.
+        return self.data.decode("utf-8")
+
     def touched_files(self) -> list[str]:
-        text = self.data.decode("utf-8", "replace")
-        return re.findall(r"^diff --git a/(\S+) b/\S+$", text, flags=re.M)
+        return re.findall(r"^diff --git a/(\S+) b/\S+$", self.text, flags=re.M)
 
 
 def read_series_names(patches_dir: Path) -> list[str]:
@@ -192,7 +196,7 @@ def header_problems(patch: Patch) -> list[str]:
         problems.append(f"'Status: {status[-1]}' needs an 'Upstream:' PR URL")
     if not patch.tests:
         problems.append("no 'Tests:' trailer naming the tests that cover it")
-    for ln in patch.data.decode("utf-8", "replace").split("\n"):
+    for ln in patch.text.split("\n"):
         if ln.startswith("+") and not ln.startswith("+++") and ln != ln.rstrip():
             problems.append("trailing whitespace on an added line")
             break
