@@ -17,7 +17,7 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 * prefill ms of 1 x 2,048 and 4 x 2,048 prompt tokens (one engine step);
 * ``--modes eager`` adds the same without CUDA graphs, where host cost shows;
 * ``--profile``: GPU time per kernel of one 1 x 2,048 prefill and of one
-  decode step at batch 1 and 8 per process, and how the kernels fill the
+  decode step at batch 1, 8 and 32 per process, and how the kernels fill the
   step: time with any stream busy and with two or more (and, for the
   prefill, the idle time within its span);
 * ``--apply PATCH``: the patched tree also carries a candidate patch, applied
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--profile",
         action="store_true",
-        help="also profile one 1 x 2,048 prefill and one decode step at batch 1 and 8 "
-        "per process: GPU time per kernel, and busy and overlapped GPU time",
+        help="also profile one 1 x 2,048 prefill and one decode step at batch 1, 8 "
+        "and 32 per process: GPU time per kernel, and busy and overlapped GPU time",
     )
     d.add_argument(
         "--tp", type=int, default=1, help="tensor parallel size of every engine (default 1)"
