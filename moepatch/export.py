@@ -14,7 +14,7 @@ from pathlib import Path
 from . import gitutil, logger, testseam
 from .errors import DriftError, SeriesError, ToolError
 from .layout import BASE_TAG, FILENAME_TRAILER
-from .series import Patch, mail_subject, parse_patch
+from .series import Patch, mail_subject, parse_patch, series_entry
 
 FORMAT_PATCH = (
     "format-patch",
@@ -92,18 +92,14 @@ def series_text(old: str | None, names: list[str]) -> str:
     """The series file listing `names`: the old file itself when it lists the
     same names in the same order (its comments and blank lines kept), else the
     old file's leading comment and then the names."""
-    if old is not None and _entries(old) == names:
+    if old is not None and [e for e in map(series_entry, old.splitlines()) if e] == names:
         return old
     header = []
     for line in (old or "").splitlines():
-        if line.split("#", 1)[0].strip():
+        if series_entry(line):
             break
         header.append(line)
     return "".join(f"{line}\n" for line in [*header, *names])
-
-
-def _entries(series: str) -> list[str]:
-    return [e for e in (line.split("#", 1)[0].strip() for line in series.splitlines()) if e]
 
 
 def drift(patches_dir: Path, rendered: list[tuple[str, bytes]]) -> list[str]:

@@ -47,6 +47,12 @@ class Patch:
         return re.findall(r"^diff --git a/(\S+) b/\S+$", self.text, flags=re.M)
 
 
+def series_entry(line: str) -> str:
+    """The patch name a line of patches/series lists: what precedes a `#`
+    comment, stripped ('' for a blank or comment-only line)."""
+    return line.split("#", 1)[0].strip()
+
+
 def read_series_names(patches_dir: Path) -> list[str]:
     series = Path(patches_dir) / "series"
     if not series.is_file():
@@ -57,7 +63,7 @@ def read_series_names(patches_dir: Path) -> list[str]:
         raise SeriesError(f"{series}: not UTF-8 text (byte {e.start})") from None
     names: list[str] = []
     for lineno, line in enumerate(text.splitlines(), 1):
-        entry = line.split("#", 1)[0].strip()
+        entry = series_entry(line)
         if not entry:
             continue
         if entry in names:
