@@ -169,11 +169,13 @@ def machine_table(records: list[dict]) -> str:
     for rec in records:
         for batch, states in sorted(rec.get("decode_state", {}).items(), key=lambda kv: int(kv[0])):
             reps = rec["decode_ms"].get(batch, [])
-            clocks = [s["sm_mhz"] for s in states if s.get("sm_mhz") is not None]
-            temps = [s["gpu_c"] for s in states if s.get("gpu_c") is not None]
+
+            def readings(key, states=states):
+                return [s[key] for s in states if s.get(key) is not None]
+
+            clocks, temps, loads = readings("sm_mhz"), readings("gpu_c"), readings("load1")
             ms = " ".join(f"{r:.3f}" for r in reps)
             cpu = " ".join(f"{s['host_cpu_share']:.2f}" for s in states)
-            loads = [s["load1"] for s in states if s.get("load1") is not None]
             load = f"{max(loads):.1f}" if loads else "–"
             clock = f"{min(clocks)}–{max(clocks)}" if clocks else "–"
             temp = max(temps) if temps else "–"
