@@ -11,9 +11,12 @@ no torch.compile: vLLM 0.33.0 expects a newer torch than the machine has):
 
 * decode ms per output token at each batch: (time of a 1+T-token generation
   minus a 1-token one) / T, T = 128, prompts of 32 tokens; with each
-  repetition the process's CPU time over wall time, the host's load and the
-  GPU's SM clock and temperature, so a slow repetition shows whether the
-  host or the GPU's clocks set it (``report``'s machine-state table);
+  repetition the process's CPU time over wall time, the share of wall time
+  the host spent blocked on the GPU (in ``torch.cuda.Event.synchronize``,
+  where vLLM waits for each step's tokens: near 0, the host sets the pace),
+  the host's load and the GPU's SM clock and temperature, so a slow
+  repetition shows whether the host or the GPU set it (``report``'s
+  machine-state table);
 * prefill ms of 1 x 2,048 and 4 x 2,048 prompt tokens (one engine step);
 * ``--modes eager`` adds the same without CUDA graphs, where host cost shows;
 * ``--profile``: GPU time per kernel of one 1 x 2,048 prefill and of one

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,41 @@ SEED = 20261130
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class GpuWaitTimer:
+    """Wall time the host spends blocked in ``torch.cuda.Event.synchronize``:
+    where vLLM's model runner waits for a step's sampled tokens and for its
+    input copies. Long waits: the GPU sets the pace; almost none: the host
+    does. The CPU share alone cannot tell, since a spinning wait burns CPU.
+    The model runner may wait in a thread of its own, hence the lock."""
+
+    def __init__(self) -> None:
+        self._ms = 0.0
+        self._lock = threading.Lock()
+
+    def ms(self) -> float:
+        return self._ms
+
+    def install(self, event_cls) -> None:
+        """Time every ``synchronize`` of ``event_cls`` from now on (once)."""
+        if getattr(event_cls.synchronize, "_gpu_wait_timer", None) is self:
+            return
+        original = event_cls.synchronize
+
+        def synchronize(event):
+            start = time.perf_counter()
+            try:
+                return original(event)
+            finally:
+                with self._lock:
+                    self._ms += (time.perf_counter() - start) * 1000
+
+        synchronize._gpu_wait_timer = self
+        event_cls.synchronize = synchronize
+
+
+GPU_WAITS = GpuWaitTimer()
 
 
 def prompts(count: int, length: int, seed: int) -> list[dict]:
@@ -73,9 +109,11 @@ def _engine(model_dir: str, model: str, eager: bool, sizes: list[int], args, **k
 
 
 def child_time(args: argparse.Namespace) -> dict:
+    import torch
     import vllm
     from vllm import SamplingParams
 
+    GPU_WAITS.install(torch.cuda.Event)
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
     llm = _engine(
@@ -140,17 +178,24 @@ def time_decode(timed, ps: list[dict], reps: int) -> tuple[list[float], list[dic
     """ms per output token of ``reps`` repetitions (a 1+T-token generation
     less a 1-token one, over T), and with each the state of the machine
     around its T-token generation: this process's CPU time over its wall
-    time (near 1: the host, not the GPU, sets the pace) and
+    time, the share of its wall time the host spent blocked on the GPU
+    (`GpuWaitTimer`; near 0: the host, not the GPU, sets the pace) and
     ``machine_state`` right after it. A repetition slower than the others
     of its process can then be told apart by its cause."""
     per_token, states = [], []
     for _ in range(reps):
         one = timed(ps, 1)
-        cpu = time.process_time()
+        cpu, wait = time.process_time(), GPU_WAITS.ms()
         many = timed(ps, 1 + DECODE_TOKENS)
         cpu_ms = (time.process_time() - cpu) * 1000
         per_token.append((many - one) / DECODE_TOKENS)
-        states.append({"host_cpu_share": cpu_ms / many, **machine_state()})
+        states.append(
+            {
+                "host_cpu_share": cpu_ms / many,
+                "gpu_wait_share": (GPU_WAITS.ms() - wait) / many,
+                **machine_state(),
+            }
+        )
     return per_token, states
 
 

@@ -159,12 +159,13 @@ def allocator_table(records: list[dict]) -> str:
 def machine_table(records: list[dict]) -> str:
     """Each process's decode repetitions beside the state of the machine
     they ran in (``e2e_engine.time_decode``): ms per output token, the
-    process's CPU time over wall time, the host's load, the GPU's SM clock
-    and temperature. Raw files from before these were recorded give none."""
+    process's CPU time over wall time, the host's time blocked on the GPU
+    over wall time, the host's load, the GPU's SM clock and temperature.
+    Raw files from before these were recorded give none, shown as –."""
     rows = [
         "| model | mode | tree | process | batch | ms/token per repetition "
-        "| host CPU / wall | load (1 min) | SM MHz | GPU °C |",
-        "|---|---|---|---:|---:|---|---|---:|---|---:|",
+        "| host CPU / wall | waiting on the GPU / wall | load (1 min) | SM MHz | GPU °C |",
+        "|---|---|---|---:|---:|---|---|---|---:|---|---:|",
     ]
     for rec in records:
         for batch, states in sorted(rec.get("decode_state", {}).items(), key=lambda kv: int(kv[0])):
@@ -176,12 +177,14 @@ def machine_table(records: list[dict]) -> str:
             clocks, temps, loads = readings("sm_mhz"), readings("gpu_c"), readings("load1")
             ms = " ".join(f"{r:.3f}" for r in reps)
             cpu = " ".join(f"{s['host_cpu_share']:.2f}" for s in states)
+            waits = readings("gpu_wait_share")
+            wait = " ".join(f"{w:.2f}" for w in waits) if waits else "–"
             load = f"{max(loads):.1f}" if loads else "–"
             clock = f"{min(clocks)}–{max(clocks)}" if clocks else "–"
             temp = max(temps) if temps else "–"
             rows.append(
                 f"| {rec['model']} | {rec['mode']} | {rec['tree']} | {rec.get('seq', '')} "
-                f"| {batch} | {ms} | {cpu} | {load} | {clock} | {temp} |"
+                f"| {batch} | {ms} | {cpu} | {wait} | {load} | {clock} | {temp} |"
             )
     return "\n".join(rows) + "\n" if len(rows) > 2 else ""
 

@@ -444,6 +444,9 @@ def test_time_decode_records_the_machine_state_with_each_repetition(monkeypatch)
     walls = iter([10.0, 330.0, 10.0, 394.0])
     cpu_s = iter([0.0, 0.3, 1.0, 1.1])
     monkeypatch.setattr(e2e_engine.time, "process_time", lambda: next(cpu_s))
+    # the host waited on the GPU 200 ms in the first 129 tokens, 4 ms in the second
+    waited = iter([5.0, 205.0, 300.0, 304.0])
+    monkeypatch.setattr(e2e_engine.GPU_WAITS, "ms", lambda: next(waited))
     loads = iter([1.5, 7.0])
     monkeypatch.setattr(
         e2e_engine,
@@ -453,7 +456,40 @@ def test_time_decode_records_the_machine_state_with_each_repetition(monkeypatch)
     per_token, states = e2e_engine.time_decode(lambda ps, n: next(walls), [], 2)
     assert per_token == pytest.approx([2.5, 3.0])
     assert [s["host_cpu_share"] for s in states] == pytest.approx([300 / 330, 100 / 394])
+    assert [s["gpu_wait_share"] for s in states] == pytest.approx([200 / 330, 4 / 394])
     assert [s["load1"] for s in states] == [1.5, 7.0]
+
+
+def test_gpu_wait_timer_adds_up_the_time_in_synchronize(monkeypatch):
+    import e2e_engine
+
+    class Event:
+        calls = 0
+
+        def synchronize(self):
+            Event.calls += 1
+            clock[0] += 0.003  # the wait: 3 ms
+            return "done"
+
+    clock = [100.0]
+    monkeypatch.setattr(e2e_engine.time, "perf_counter", lambda: clock[0])
+    timer = e2e_engine.GpuWaitTimer()
+    timer.install(Event)
+    timer.install(Event)  # installed once: a second install does not time twice
+    assert Event().synchronize() == "done"
+    assert Event().synchronize() == "done"
+    assert Event.calls == 2
+    assert timer.ms() == pytest.approx(6.0)
+
+    class Failing:
+        def synchronize(self):
+            clock[0] += 0.001
+            raise RuntimeError("CUDA error")
+
+    timer.install(Failing)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        Failing().synchronize()
+    assert timer.ms() == pytest.approx(7.0)
 
 
 def test_machine_state_reads_none_where_nvml_fails(monkeypatch):
@@ -474,8 +510,8 @@ def test_machine_state_reads_none_where_nvml_fails(monkeypatch):
 
 def test_machine_table_lists_each_process_batch_with_its_state():
     states = [
-        {"host_cpu_share": 0.61, "load1": 1.2, "sm_mhz": 1980, "gpu_c": 41},
-        {"host_cpu_share": 0.97, "load1": 9.5, "sm_mhz": 1755, "gpu_c": 43},
+        {"host_cpu_share": 0.61, "gpu_wait_share": 0.3, "load1": 1.2, "sm_mhz": 1980, "gpu_c": 41},
+        {"host_cpu_share": 0.97, "gpu_wait_share": 0.01, "load1": 9.5, "sm_mhz": 1755, "gpu_c": 43},
     ]
     unread = {"host_cpu_share": 0.5, "load1": None, "sm_mhz": None, "gpu_c": None}
     rec = record("patched", b1=[2.2, 2.9], b8=[4.6, 4.6]) | {
@@ -489,11 +525,14 @@ def test_machine_table_lists_each_process_batch_with_its_state():
     text = e2e_report.machine_table([record("base", b1=[2.5]), rec])
     lines = [line for line in text.splitlines() if line.startswith("| a2.7b")]
     # only the process with states; batches in numeric order; a missing clock
-    # reading is left out of the range
+    # reading is left out of the range; states from before the GPU waits were
+    # recorded show none
     assert lines == [
-        "| a2.7b | graph | patched | 3 | 1 | 2.200 2.900 | 0.61 0.97 | 9.5 | 1980–1980 | 43 |",
-        "| a2.7b | graph | patched | 3 | 8 | 4.600 4.600 | 0.61 0.97 | 9.5 | 1755–1980 | 43 |",
-        "| a2.7b | graph | patched | 3 | 32 |  | 0.50 | – | – | – |",
+        "| a2.7b | graph | patched | 3 | 1 | 2.200 2.900 | 0.61 0.97 | 0.30 0.01 | 9.5 "
+        "| 1980–1980 | 43 |",
+        "| a2.7b | graph | patched | 3 | 8 | 4.600 4.600 | 0.61 0.97 | 0.30 0.01 | 9.5 "
+        "| 1755–1980 | 43 |",
+        "| a2.7b | graph | patched | 3 | 32 |  | 0.50 | – | – | – | – |",
     ]
     assert e2e_report.machine_table([record("base", b1=[2.5])]) == ""
     # the report prints it with the other diagnostics
