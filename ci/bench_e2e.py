@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_checks  # noqa: E402
 import e2e_report  # noqa: E402
-from e2e_driver import Driver, schedule  # noqa: E402
+from e2e_driver import Driver, fits_budget, schedule  # noqa: E402
 from e2e_engine import child_main  # noqa: E402
 from e2e_models import MODELS  # noqa: E402
 
@@ -85,6 +85,11 @@ def device_main(args: argparse.Namespace) -> int:
     missing = [c for c in args.apply if not Path(c).is_file()]
     if missing:
         raise SystemExit(f"bench_e2e: no candidate patch at {', '.join(missing)}")
+    if args.models and not fits_budget(args.budget, args.first_estimate, opens_pair=True):
+        raise SystemExit(
+            f"bench_e2e: --budget {args.budget:g} s cannot start one base/patched pair of "
+            f"--first-estimate {args.first_estimate:g} s (it needs twice that)"
+        )
     driver = Driver(args)
     if args.check:
         driver.check_models()
@@ -260,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         help="what the patched tree is compared with: the pinned release (default), or, with "
         "--apply, the series without the candidate, which measures the candidate alone",
     )
-    d.add_argument("--budget", type=float, default=540, help="seconds; no process starts past it")
+    d.add_argument(
+        "--budget",
+        type=float,
+        default=540,
+        help="seconds; no process starts past it or without time for its pair "
+        "(below twice --first-estimate the run is refused before unpacking)",
+    )
     d.add_argument("--first-estimate", type=float, default=75, help="seconds a process may take")
 
     c = sub.add_parser("child", help="one engine process (started by device)")

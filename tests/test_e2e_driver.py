@@ -76,6 +76,26 @@ def test_device_stops_on_a_missing_candidate_before_unpacking(tmp_path):
         )
 
 
+@pytest.mark.parametrize("budget,refused", [("150", True), ("200", False)])
+def test_device_refuses_a_budget_too_small_for_one_pair_before_unpacking(
+    tmp_path, monkeypatch, budget, refused
+):
+    # No GPU time is spent unpacking a bundle for a run that could start nothing.
+    unpacked = []
+
+    def driver(args):
+        unpacked.append(args.budget)
+        raise SystemExit("unpacking")
+
+    monkeypatch.setattr(bench_e2e, "Driver", driver)
+    argv = ["device", "--bundle", str(tmp_path), "--out", str(tmp_path), "--models", "a2.7b:1"]
+    argv += ["--budget", budget, "--first-estimate", "100"]
+    message = "cannot start one base/patched pair" if refused else "unpacking"
+    with pytest.raises(SystemExit, match=message):
+        bench_e2e.main(argv)
+    assert unpacked == ([] if refused else [float(budget)])
+
+
 def test_parallel_labels_and_rank_environment():
     assert e2e_driver.parallel_label(1, 1) == ""
     assert e2e_driver.parallel_label(2, 1) == " tp2"
