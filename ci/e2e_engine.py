@@ -4,8 +4,8 @@
 ``child_time`` measures decode and prefill on dummy weights, ``child_check``
 generates greedy tokens with logprobs on a real checkpoint and scores the fp32
 reference's continuation teacher-forced, ``profile_step`` gives one step's GPU
-time per kernel and its largest host events, ``profile_decode`` the same per
-decode step.
+time per kernel (and how much of it beside another kernel) and its largest
+host events, ``profile_decode`` the same per decode step.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from e2e_models import MODELS
+from e2e_timeline import PER_STEP_TIMELINE, gpu_timeline, time_beside_others
 
 PREFILLS = ((1, 2048), (4, 2048))
 DECODE_TOKENS = 128
@@ -230,37 +231,9 @@ def allocator_counts() -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in keys}
 
 
-# The fields of ``gpu_timeline`` that add up over decode steps, so a
-# difference of two profiles gives them per step.
-PER_STEP_TIMELINE = ("busy_us", "overlap_us")
-
-
-def gpu_timeline(intervals: list[tuple[float, float]]) -> dict:
-    """How the device's activities (start µs, end µs) fill their span:
-    the time any stream was busy, the time two or more were (at decode, the
-    shared experts beside the critical path), and the span's idle time
-    (launch gaps, waits on the host). No per-stream times: a CUDA graph's
-    replay runs its kernels on streams of the graph's own, so a stream's
-    busy time says nothing about which branch of the model it carried."""
-    busy, covered_to = 0.0, None
-    for start, end in sorted(intervals):
-        if covered_to is None or start > covered_to:
-            busy += end - start
-            covered_to = end
-        elif end > covered_to:
-            busy += end - covered_to
-            covered_to = end
-    span = max(e for _, e in intervals) - min(s for s, _ in intervals) if intervals else 0.0
-    return {
-        "span_us": span,
-        "busy_us": busy,
-        "overlap_us": sum(e - s for s, e in intervals) - busy,
-        "idle_us": span - busy,
-    }
-
-
 def profile_step(step, top_host: int = 40) -> dict:
-    """GPU time per kernel name over one call of ``step`` (already warm), its
+    """GPU time per kernel name over one call of ``step`` (already warm), with
+    the part of it run beside another activity (``time_beside_others``), its
     wall time, the host events that took most self time (Python ops and CUDA
     runtime calls such as cudaMalloc or a stream sync), and ``gpu_timeline``
     of its device activities: where a step's time goes, and how much of it no
@@ -270,17 +243,22 @@ def profile_step(step, top_host: int = 40) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall_ms = step()
-    intervals = [
-        (evt.time_range.start, evt.time_range.end)
+    activities = [
+        (evt.name, evt.time_range.start, evt.time_range.end)
         for evt in prof.events()
         if evt.device_type == torch.autograd.DeviceType.CUDA
     ]
+    beside = time_beside_others(activities)
     kernels, host = {}, {}
     for evt in prof.key_averages():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             us = getattr(evt, "self_device_time_total", 0)
             if us > 0:
-                kernels[evt.key] = {"count": evt.count, "us": us}
+                kernels[evt.key] = {
+                    "count": evt.count,
+                    "us": us,
+                    "beside_us": beside.get(evt.key, 0.0),
+                }
         elif evt.self_cpu_time_total > 0:
             host[evt.key] = {"count": evt.count, "us": evt.self_cpu_time_total}
     kept = sorted(host, key=lambda k: -host[k]["us"])[:top_host]
@@ -288,7 +266,7 @@ def profile_step(step, top_host: int = 40) -> dict:
         "wall_ms": wall_ms,
         "kernels": kernels,
         "host": {k: host[k] for k in kept},
-        "timeline": gpu_timeline(intervals),
+        "timeline": gpu_timeline([(start, end) for _, start, end in activities]),
     }
 
 
@@ -302,11 +280,13 @@ def profile_decode(timed, ps: list[dict], batch: int) -> dict:
     def per_step(section: str) -> dict:
         out = {}
         for name, evt in many[section].items():
-            less = one[section].get(name, {"count": 0, "us": 0.0})
-            us = (evt["us"] - less["us"]) / PROFILE_DECODE_STEPS
+            less = one[section].get(name, {})
+            us = (evt["us"] - less.get("us", 0.0)) / PROFILE_DECODE_STEPS
             if us > 0:
-                count = (evt["count"] - less["count"]) / PROFILE_DECODE_STEPS
-                out[name] = {"count": count, "us": us}
+                out[name] = {
+                    field: (evt[field] - less.get(field, 0.0)) / PROFILE_DECODE_STEPS
+                    for field in evt
+                }
         return out
 
     def timeline_per_step() -> dict:

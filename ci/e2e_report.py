@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from e2e_engine import PER_STEP_TIMELINE
+from e2e_timeline import PER_STEP_TIMELINE
 
 METRICS = ("decode_ms", "prefill_ms")
 
@@ -54,8 +54,10 @@ def summarize(records: list[dict]) -> list[dict]:
 def profile_table(records: list[dict], top: int = 15) -> str:
     """Where a profiled step's time goes, per model and mode: each kernel's
     GPU time (median over a tree's processes), base against patched, the
-    kernels that differ most first, after the kernels' sum and the wall; then
-    the host events (self CPU time) the same way."""
+    kernels that differ most first, after the kernels' sum and the wall, and
+    how much of each kernel's time it ran beside another kernel (raw files
+    from before that was recorded show "–"); then the host events (self CPU
+    time) the same way."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         if rec.get("error"):
@@ -74,11 +76,17 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             ("host", "host event", "host µs per event"),
         ):
             med: dict[str, dict[str, float]] = {}
+            beside: dict[str, dict[str, float]] = {}
             for tree, profiles in trees.items():
                 events = [p.get(section, {}) for p in profiles]
                 names = {k for e in events for k in e}
                 med[tree] = {
                     k: statistics.median(e.get(k, {}).get("us", 0.0) for e in events) for k in names
+                }
+                beside[tree] = {
+                    k: statistics.median(e.get(k, {}).get("beside_us", 0.0) for e in events)
+                    for k in names
+                    if all("beside_us" in e[k] for e in events if k in e)
                 }
                 if section == "kernels":
                     med[tree]["(all kernels)"] = statistics.median(
@@ -98,15 +106,31 @@ def profile_table(records: list[dict], top: int = 15) -> str:
                 (set(base) | set(patched)) - set(totals),
                 key=lambda k: (-abs(patched.get(k, 0) - base.get(k, 0)), k),
             )
-            out.append(
-                f"{model} {mode}, {step}: {what}, median over processes\n\n"
-                f"| {column} | base µs | patched µs | patched − base |\n|---|---:|---:|---:|"
-            )
+            kernels = section == "kernels"
+            header = f"| {column} | base µs | patched µs | patched − base |"
+            rule = "|---|---:|---:|---:|"
+            if kernels:
+                header += " beside another kernel, base / patched µs |"
+                rule += "---:|"
+            out.append(f"{model} {mode}, {step}: {what}, median over processes\n\n{header}\n{rule}")
             for k in names[: top + len(totals)]:
                 b, p = base.get(k, 0.0), patched.get(k, 0.0)
-                out.append(f"| `{k[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |")
+                row = f"| `{k[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |"
+                if kernels:
+                    row += f" {_beside_cell(beside, k)} |"
+                out.append(row)
             out.append("")
     return "\n".join(out)
+
+
+def _beside_cell(beside: dict[str, dict[str, float]], kernel: str) -> str:
+    """Base / patched time beside another kernel, "–" where a tree ran no
+    such kernel or its raw files did not record it."""
+    cells = []
+    for tree in ("base", "patched"):
+        us = beside.get(tree, {}).get(kernel)
+        cells.append("–" if us is None else f"{us:.1f}")
+    return " / ".join(cells)
 
 
 TIMELINE_ROWS = {

@@ -214,9 +214,33 @@ def test_profile_table_orders_kernels_by_difference_and_keeps_the_totals():
     # the totals first, then the kernel that differs most
     assert lines[0].startswith("| `(all kernels)` | 912.0 | 1400.0 | +488.0 |")
     assert lines[1].startswith("| `(wall)` | 32000.0 | 50000.0 | +18000.0 |")
-    assert lines[2] == "| `gate` | 12.0 | 500.0 | +488.0 |"
-    assert lines[3] == "| `fused_moe_kernel` | 900.0 | 900.0 | +0.0 |"
+    # raw files from before the time beside other kernels was recorded: "–"
+    assert lines[2] == "| `gate` | 12.0 | 500.0 | +488.0 | – / – |"
+    assert lines[3] == "| `fused_moe_kernel` | 900.0 | 900.0 | +0.0 | – / – |"
     assert "a2.7b graph, prefill 1x2048" in table
+
+
+def test_profile_table_shows_each_kernels_time_beside_another_kernel():
+    def prof(tree, align_beside_us):
+        kernels = {
+            "moe_align": {"count": 24, "us": 200.0, "beside_us": align_beside_us},
+            "shared_gemm": {"count": 24, "us": 400.0, "beside_us": 150.0},
+        }
+        if tree == "patched":
+            kernels["router_gemm"] = {"count": 24, "us": 90.0, "beside_us": 0.0}
+        step = {"step": "decode batch 32, per step", "wall_ms": 1.0, "kernels": kernels}
+        return {**record(tree), "profile": step}
+
+    records = [prof("base", 10.0), prof("base", 30.0), prof("patched", 120.0)]
+    table = e2e_report.profile_table(records)
+    assert "| kernel | base µs | patched µs | patched − base | beside another kernel" in table
+    lines = {line.split(" | ")[0]: line for line in table.splitlines()}
+    # the median over a tree's processes; a kernel a tree did not run: "–"
+    assert lines["| `moe_align`"].endswith("| 20.0 / 120.0 |")
+    assert lines["| `shared_gemm`"].endswith("| 150.0 / 150.0 |")
+    assert lines["| `router_gemm`"].endswith("| – / 0.0 |")
+    # the totals have no such time
+    assert lines["| `(all kernels)`"].endswith("| – / – |")
 
 
 def test_profile_table_has_a_host_section_ordered_by_difference():
@@ -251,9 +275,13 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
     def fake_profile(step):
         tokens = step()  # the fake ``timed`` returns its token count
         decode = tokens - 1
-        kernels = {"prompt_attention": {"count": 24, "us": 300.0}}
+        kernels = {"prompt_attention": {"count": 24, "us": 300.0, "beside_us": 0.0}}
         if decode:
-            kernels["fused_moe_kernel"] = {"count": 48 * decode, "us": 60.0 * decode}
+            kernels["fused_moe_kernel"] = {
+                "count": 48 * decode,
+                "us": 60.0 * decode,
+                "beside_us": 20.0 * decode,
+            }
         host = {"cudaGraphLaunch": {"count": decode, "us": 5.0 * decode}}
         # the prompt alone runs one stream; decode adds the shared experts' side
         # stream; the span also holds host time between steps, not per step
@@ -275,7 +303,7 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
     assert prof["step"] == "decode batch 8, per step"
     assert prof["wall_ms"] == pytest.approx(2.5)
     # the prompt's kernel cancels; the decode kernel is per step
-    assert prof["kernels"] == {"fused_moe_kernel": {"count": 48.0, "us": 60.0}}
+    assert prof["kernels"] == {"fused_moe_kernel": {"count": 48.0, "us": 60.0, "beside_us": 20.0}}
     assert prof["host"] == {"cudaGraphLaunch": {"count": 1.0, "us": 5.0}}
     # busy times are per step; no span or idle time, which do not subtract
     assert prof["timeline"] == {
@@ -284,12 +312,33 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
     }
 
 
+def test_time_beside_others_counts_each_kernels_shared_time():
+    from e2e_timeline import time_beside_others
+
+    # main stream: align [0, 10], gemv [10, 30]; side stream: shared [5, 25]
+    activities = [
+        ("align", 0.0, 10.0),
+        ("gemv", 10.0, 30.0),
+        ("shared", 5.0, 25.0),
+        ("alone", 40.0, 45.0),
+    ]
+    beside = time_beside_others(activities)
+    assert beside == {"align": 5.0, "gemv": 15.0, "shared": 20.0, "alone": 0.0}
+    assert time_beside_others(activities[::-1]) == beside
+    # kernels that only touch ran one after the other
+    assert time_beside_others([("a", 0.0, 5.0), ("b", 5.0, 9.0)]) == {"a": 0.0, "b": 0.0}
+    # a name's activities add up; three at once count for each of them
+    three = [("k", 0.0, 4.0), ("k", 2.0, 6.0), ("m", 3.0, 4.0)]
+    assert time_beside_others(three) == {"k": 2.0 + 2.0, "m": 1.0}
+    assert time_beside_others([]) == {}
+
+
 def test_gpu_timeline_counts_overlap_once_and_gaps_as_idle():
-    import e2e_engine
+    from e2e_timeline import gpu_timeline
 
     # main stream: [0, 10], [12, 20], [30, 35]; side stream: [5, 15]
     intervals = [(0.0, 10.0), (5.0, 15.0), (12.0, 20.0), (30.0, 35.0)]
-    timeline = e2e_engine.gpu_timeline(intervals)
+    timeline = gpu_timeline(intervals)
     assert timeline == {
         "span_us": 35.0,
         "busy_us": 25.0,  # [0, 20] and [30, 35]
@@ -297,10 +346,10 @@ def test_gpu_timeline_counts_overlap_once_and_gaps_as_idle():
         "idle_us": 10.0,  # [20, 30]
     }
     # order of the activities does not matter
-    assert e2e_engine.gpu_timeline(intervals[::-1]) == timeline
+    assert gpu_timeline(intervals[::-1]) == timeline
     # an activity inside another adds nothing to the busy time
-    assert e2e_engine.gpu_timeline([(0.0, 10.0), (2.0, 3.0)])["busy_us"] == 10.0
-    assert e2e_engine.gpu_timeline([]) == {
+    assert gpu_timeline([(0.0, 10.0), (2.0, 3.0)])["busy_us"] == 10.0
+    assert gpu_timeline([]) == {
         "span_us": 0.0,
         "busy_us": 0.0,
         "overlap_us": 0.0,
@@ -350,12 +399,13 @@ def test_profile_table_lists_the_timeline_after_the_totals():
     sections = table.split("a2.7b graph, ")[1:]
     decode, prefill = ([r for r in s.splitlines() if r.startswith("| `(")] for s in sections)
     assert decode == [
-        "| `(all kernels)` | 1.0 | 1.0 | +0.0 |",
-        "| `(wall)` | 2000.0 | 2000.0 | +0.0 |",
-        "| `(GPU busy: any stream)` | 1700.0 | 1900.0 | +200.0 |",
-        "| `(GPU busy: two or more streams)` | 500.0 | 500.0 | +0.0 |",
+        "| `(all kernels)` | 1.0 | 1.0 | +0.0 | – / – |",
+        "| `(wall)` | 2000.0 | 2000.0 | +0.0 | – / – |",
+        "| `(GPU busy: any stream)` | 1700.0 | 1900.0 | +200.0 | – / – |",
+        "| `(GPU busy: two or more streams)` | 500.0 | 500.0 | +0.0 | – / – |",
     ]
-    assert prefill == [*decode, "| `(GPU idle within the span)` | 300.0 | 100.0 | -200.0 |"]
+    idle = "| `(GPU idle within the span)` | 300.0 | 100.0 | -200.0 | – / – |"
+    assert prefill == [*decode, idle]
 
 
 def test_allocator_table_lists_each_process_and_prefill_shape_in_order():
