@@ -4,7 +4,7 @@
 ``child_time`` measures decode and prefill on dummy weights, ``child_check``
 generates greedy tokens with logprobs on a real checkpoint and scores the fp32
 reference's continuation teacher-forced, ``profile_step`` gives one step's GPU
-time per kernel (and how much of it beside another kernel) and its largest
+time per kernel (and how much of it beside other GPU work) and its largest
 host events, ``profile_decode`` the same per decode step.
 """
 

@@ -55,7 +55,7 @@ def profile_table(records: list[dict], top: int = 15) -> str:
     """Where a profiled step's time goes, per model and mode: each kernel's
     GPU time (median over a tree's processes), base against patched, the
     kernels that differ most first, after the kernels' sum and the wall, and
-    how much of each kernel's time it ran beside another kernel (raw files
+    how much of each kernel's time it ran beside other GPU work (raw files
     from before that was recorded show "–"); then the host events (self CPU
     time) the same way."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -110,7 +110,7 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             header = f"| {column} | base µs | patched µs | patched − base |"
             rule = "|---|---:|---:|---:|"
             if kernels:
-                header += " beside another kernel, base / patched µs |"
+                header += " beside other GPU work, base / patched µs |"
                 rule += "---:|"
             out.append(f"{model} {mode}, {step}: {what}, median over processes\n\n{header}\n{rule}")
             for k in names[: top + len(totals)]:
@@ -124,7 +124,7 @@ def profile_table(records: list[dict], top: int = 15) -> str:
 
 
 def _beside_cell(beside: dict[str, dict[str, float]], kernel: str) -> str:
-    """Base / patched time beside another kernel, "–" where a tree ran no
+    """Base / patched time beside other GPU work, "–" where a tree ran no
     such kernel or its raw files did not record it."""
     cells = []
     for tree in ("base", "patched"):

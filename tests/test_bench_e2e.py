@@ -233,7 +233,7 @@ def test_profile_table_shows_each_kernels_time_beside_another_kernel():
 
     records = [prof("base", 10.0), prof("base", 30.0), prof("patched", 120.0)]
     table = e2e_report.profile_table(records)
-    assert "| kernel | base µs | patched µs | patched − base | beside another kernel" in table
+    assert "| kernel | base µs | patched µs | patched − base | beside other GPU work" in table
     lines = {line.split(" | ")[0]: line for line in table.splitlines()}
     # the median over a tree's processes; a kernel a tree did not run: "–"
     assert lines["| `moe_align`"].endswith("| 20.0 / 120.0 |")
