@@ -75,6 +75,7 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             ("kernels", "kernel", "GPU µs per kernel"),
             ("host", "host event", "host µs per event"),
         ):
+            kernels = section == "kernels"
             med: dict[str, dict[str, float]] = {}
             beside: dict[str, dict[str, float]] = {}
             for tree, profiles in trees.items():
@@ -83,12 +84,12 @@ def profile_table(records: list[dict], top: int = 15) -> str:
                 med[tree] = {
                     k: statistics.median(e.get(k, {}).get("us", 0.0) for e in events) for k in names
                 }
-                beside[tree] = {
-                    k: statistics.median(e.get(k, {}).get("beside_us", 0.0) for e in events)
-                    for k in names
-                    if all("beside_us" in e[k] for e in events if k in e)
-                }
-                if section == "kernels":
+                if kernels:
+                    beside[tree] = {
+                        k: statistics.median(e.get(k, {}).get("beside_us", 0.0) for e in events)
+                        for k in names
+                        if all("beside_us" in e[k] for e in events if k in e)
+                    }
                     med[tree]["(all kernels)"] = statistics.median(
                         sum(k["us"] for k in e.values()) for e in events
                     )
@@ -106,7 +107,6 @@ def profile_table(records: list[dict], top: int = 15) -> str:
                 (set(base) | set(patched)) - set(totals),
                 key=lambda k: (-abs(patched.get(k, 0) - base.get(k, 0)), k),
             )
-            kernels = section == "kernels"
             header = f"| {column} | base µs | patched µs | patched − base |"
             rule = "|---|---:|---:|---:|"
             if kernels:
