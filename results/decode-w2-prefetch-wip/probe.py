@@ -61,6 +61,7 @@ def timed(fn, flush, reps, side=None):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -72,7 +73,8 @@ def main():
         f"{'after us':>9} {'before/none':>12} {'after/none':>11}"
     )
     rows = []
-    for name, (hidden, inter, experts, top_k, shared) in SHAPES.items():
+    for name in args.shapes:
+        hidden, inter, experts, top_k, shared = SHAPES[name]
         dtype = torch.bfloat16
         w1 = torch.randn(experts, 2 * inter, hidden, dtype=dtype, device="cuda") * 0.02
         w2 = torch.randn(experts, hidden, inter, dtype=dtype, device="cuda") * 0.02
