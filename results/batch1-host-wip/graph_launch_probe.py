@@ -36,7 +36,9 @@ def _bump(x_ptr):
     tl.store(x_ptr, tl.load(x_ptr) + 1)
 
 
-def _graph(nodes: int, shape: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def _graph(nodes: int, shape: str) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """The graph, and what it writes and runs on: the caller keeps that
+    alive for as long as it replays the graph."""
     x = torch.zeros(1024, device="cuda")
     y = torch.zeros(1024, device="cuda")
     side = torch.cuda.Stream()
@@ -56,7 +58,7 @@ def _graph(nodes: int, shape: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
                 _bump[(1,)](x, launch_pdl=True)
             else:
                 x.add_(1)
-    return g, x
+    return g, (x, y, side)
 
 
 def _time(g: torch.cuda.CUDAGraph, reps: int, back_to_back: bool) -> float:
@@ -82,7 +84,7 @@ def main() -> None:
     rows = []
     for shape in ("serial", "forked", "pdl"):
         for nodes in (100, 250, 460, 650):
-            g, _ = _graph(nodes, shape)
+            g, operands = _graph(nodes, shape)
             alone = _time(g, args.reps, back_to_back=False)
             queued = _time(g, args.reps, back_to_back=True)
             rows.append({"shape": shape, "nodes": nodes, "alone_us": alone, "queued_us": queued})
@@ -92,7 +94,7 @@ def main() -> None:
                 f"{queued / nodes:.2f} us per node)",
                 flush=True,
             )
-            del g
+            del g, operands
     info = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
