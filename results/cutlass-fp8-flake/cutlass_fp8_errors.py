@@ -143,6 +143,7 @@ def _worker(pgi, vllm_config, cpu_group, config, label, seeds, poison, out_path)
                 }
                 print(json.dumps(row), flush=True)
                 out.write(json.dumps(row) + "\n")
+                out.flush()
 
 
 def _seeds(text: str) -> list[int]:
