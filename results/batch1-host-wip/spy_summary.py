@@ -5,7 +5,9 @@ to the stacks under `time_decode` (`device-run-2.sh` does that on the
 device), drops the prefill forwards (stacks through the model's eager
 `forward`), and prints for each tree the samples under the main frames of a
 decode step: vLLM's V2 model runner (`execute_model`, `sample_tokens`) and
-the engine core.
+the engine core. Then, per tree, the samples in Triton's Python launch path
+(`kernel[grid](...)`: `KernelInterface.__getitem__`'s launcher and `JITFunction.run`), by the
+function that launched the kernel.
 
 Run: python3 spy_summary.py spy-decode.txt.xz
 """
@@ -22,6 +24,7 @@ ANCHORS = (
     "LLMEngine.step",
 )
 PREFILL = "Qwen2MoeForCausalLM.forward"
+TRITON_LAUNCH = ("KernelInterface.__getitem__", "JITFunction.run ")
 
 
 def _frame(f: str) -> str:
@@ -30,6 +33,7 @@ def _frame(f: str) -> str:
 
 def summarize(path: str, top: int = 12) -> None:
     steps = collections.defaultdict(collections.Counter)
+    launches = collections.defaultdict(collections.Counter)
     totals = collections.Counter()
     prefill = collections.Counter()
     with lzma.open(path, "rt") if path.endswith(".xz") else open(path) as f:
@@ -48,6 +52,10 @@ def summarize(path: str, top: int = 12) -> None:
                         key = f"{anchor} > {below}"
             steps[tree][key or "(other)"] += int(count)
             totals[tree] += int(count)
+            for i, frame in enumerate(frames[1:], 1):
+                if frame.startswith(TRITON_LAUNCH):
+                    launches[tree][_frame(frames[i - 1])] += int(count)
+                    break
     for tree in sorted(totals):
         print(
             f"== {tree}: {totals[tree]} decode-loop samples "
@@ -55,6 +63,13 @@ def summarize(path: str, top: int = 12) -> None:
         )
         for key, count in steps[tree].most_common(top):
             print(f"{count:6d} {100 * count / totals[tree]:5.1f} %  {key}")
+        in_triton = sum(launches[tree].values())
+        print(
+            f"  Triton's Python launch path: {in_triton} samples, "
+            f"{100 * in_triton / totals[tree]:.1f} %, launched from:"
+        )
+        for caller, count in launches[tree].most_common(top):
+            print(f"{count:6d} {100 * count / totals[tree]:5.1f} %  {caller}")
 
 
 if __name__ == "__main__":
