@@ -38,10 +38,11 @@ def summarize(path: str, top: int = 12) -> None:
     prefill = collections.Counter()
     with lzma.open(path, "rt") if path.endswith(".xz") else open(path) as f:
         for line in f:
-            stack, count = line.rstrip().rsplit(" ", 1)
+            stack, samples = line.rstrip().rsplit(" ", 1)
+            count = int(samples)
             tree = m.group(1) if (m := re.search(r"--tree (\w+)", stack)) else "?"
             if PREFILL in stack:
-                prefill[tree] += int(count)
+                prefill[tree] += count
                 continue
             frames = stack.split(";")
             key = None
@@ -50,11 +51,11 @@ def summarize(path: str, top: int = 12) -> None:
                     if frame.startswith(anchor + " "):
                         below = _frame(frames[i + 1]) if i + 1 < len(frames) else "(itself)"
                         key = f"{anchor} > {below}"
-            steps[tree][key or "(other)"] += int(count)
-            totals[tree] += int(count)
+            steps[tree][key or "(other)"] += count
+            totals[tree] += count
             for i, frame in enumerate(frames[1:], 1):
                 if frame.startswith(TRITON_LAUNCH):
-                    launches[tree][_frame(frames[i - 1])] += int(count)
+                    launches[tree][_frame(frames[i - 1])] += count
                     break
     for tree in sorted(totals):
         print(
