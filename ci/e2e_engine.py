@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from e2e_models import MODELS
-from e2e_timeline import PER_STEP_TIMELINE, gpu_timeline, time_beside_others
+from e2e_timeline import PER_STEP_TIMELINE, gpu_timeline, idle_gaps, time_beside_others
 
 PREFILLS = ((1, 2048), (4, 2048))
 DECODE_TOKENS = 128
@@ -231,13 +231,14 @@ def allocator_counts() -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in keys}
 
 
-def profile_step(step, top_host: int = 40) -> dict:
+def profile_step(step, top_host: int = 40, gaps_after: int | None = None) -> dict:
     """GPU time per kernel name over one call of ``step`` (already warm), with
     the part of it run beside another activity (``time_beside_others``), its
     wall time, the host events that took most self time (Python ops and CUDA
-    runtime calls such as cudaMalloc or a stream sync), and ``gpu_timeline``
-    of its device activities: where a step's time goes, and how much of it no
-    kernel accounts for."""
+    runtime calls such as cudaMalloc or a stream sync), ``gpu_timeline`` of
+    its device activities and their number: where a step's time goes, and how
+    much of it no kernel accounts for. With ``gaps_after``, also the
+    ``idle_gaps`` of the activities after the first ``gaps_after``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -267,15 +268,21 @@ def profile_step(step, top_host: int = 40) -> dict:
         "kernels": kernels,
         "host": {k: host[k] for k in kept},
         "timeline": gpu_timeline([(start, end) for _, start, end in activities]),
+        "activities": len(activities),
+        **({} if gaps_after is None else {"gaps": idle_gaps(activities, skip=gaps_after)}),
     }
 
 
 def profile_decode(timed, ps: list[dict], batch: int) -> dict:
     """``profile_step`` of one decode step at this batch: a profile of the
     prefill plus PROFILE_DECODE_STEPS decode steps, less one of the prefill
-    alone, per step (kernel counts too), so the prompt's own kernels cancel."""
+    alone, per step (kernel counts too), so the prompt's own kernels cancel.
+    The GPU's idle gaps are not subtracted: the prefill's, which the host
+    paces under the profiler, differ by milliseconds between two profiles.
+    They are those of the longer profile after as many activities as the
+    prefill alone ran, per step."""
     one = profile_step(lambda: timed(ps, 1))
-    many = profile_step(lambda: timed(ps, 1 + PROFILE_DECODE_STEPS))
+    many = profile_step(lambda: timed(ps, 1 + PROFILE_DECODE_STEPS), gaps_after=one["activities"])
 
     def per_step(section: str) -> dict:
         out = {}
@@ -301,6 +308,10 @@ def profile_decode(timed, ps: list[dict], batch: int) -> dict:
         "wall_ms": (many["wall_ms"] - one["wall_ms"]) / PROFILE_DECODE_STEPS,
         "kernels": per_step("kernels"),
         "host": per_step("host"),
+        "idle_gaps": {
+            pair: {field: value / PROFILE_DECODE_STEPS for field, value in gap.items()}
+            for pair, gap in many["gaps"].items()
+        },
         "timeline": timeline_per_step(),
     }
 

@@ -57,7 +57,9 @@ def profile_table(records: list[dict], top: int = 15) -> str:
     kernels that differ most first, after the kernels' sum and the wall, and
     how much of each kernel's time it ran beside other GPU work (raw files
     from before that was recorded show "–"); then the host events (self CPU
-    time) the same way."""
+    time) the same way, and for decode steps the GPU's idle gaps by the
+    kernels around them (``e2e_timeline.idle_gaps``; none in raw files from
+    before them)."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         if rec.get("error"):
@@ -74,6 +76,7 @@ def profile_table(records: list[dict], top: int = 15) -> str:
         for section, column, what in (
             ("kernels", "kernel", "GPU µs per kernel"),
             ("host", "host event", "host µs per event"),
+            ("idle_gaps", "idle gap: kernel before → kernel after", "GPU idle µs per gap"),
         ):
             kernels = section == "kernels"
             med: dict[str, dict[str, float]] = {}
@@ -84,6 +87,10 @@ def profile_table(records: list[dict], top: int = 15) -> str:
                 med[tree] = {
                     k: statistics.median(e.get(k, {}).get("us", 0.0) for e in events) for k in names
                 }
+                if section == "idle_gaps" and names:
+                    med[tree]["(all gaps)"] = statistics.median(
+                        sum(g["us"] for g in e.values()) for e in events
+                    )
                 if kernels:
                     beside[tree] = {
                         k: statistics.median(e.get(k, {}).get("beside_us", 0.0) for e in events)
@@ -101,7 +108,9 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             if not base and not patched:
                 continue
             totals = [
-                t for t in ("(all kernels)", "(wall)", *TIMELINE_ROWS) if t in base or t in patched
+                t
+                for t in ("(all kernels)", "(wall)", *TIMELINE_ROWS, "(all gaps)")
+                if t in base or t in patched
             ]
             names = totals + sorted(
                 (set(base) | set(patched)) - set(totals),
@@ -115,7 +124,12 @@ def profile_table(records: list[dict], top: int = 15) -> str:
             out.append(f"{model} {mode}, {step}: {what}, median over processes\n\n{header}\n{rule}")
             for k in names[: top + len(totals)]:
                 b, p = base.get(k, 0.0), patched.get(k, 0.0)
-                row = f"| `{k[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |"
+                label = (
+                    " → ".join(side[:38] for side in k.split(" → "))
+                    if section == "idle_gaps"
+                    else k
+                )
+                row = f"| `{label[:80]}` | {b:.1f} | {p:.1f} | {p - b:+.1f} |"
                 if kernels:
                     row += f" {_beside_cell(beside, k)} |"
                 out.append(row)

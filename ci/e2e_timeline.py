@@ -5,7 +5,8 @@ and ``e2e_report``.
 No per-stream times: a CUDA graph's replay runs its kernels on streams of the
 graph's own, so a stream's busy time says nothing about which branch of the
 model it carried. What the intervals do say is when two activities ran at
-once: at decode, the shared expert's kernels beside the critical path.
+once (at decode, the shared expert's kernels beside the critical path) and
+what the GPU waited between (``idle_gaps``).
 """
 
 from __future__ import annotations
@@ -62,3 +63,25 @@ def time_beside_others(activities: list[tuple[str, float, float]]) -> dict[str, 
         else:
             active.discard(i)
     return {name: beside.get(name, 0.0) for name, _, _ in activities}
+
+
+def idle_gaps(
+    activities: list[tuple[str, float, float]], skip: int = 0
+) -> dict[str, dict[str, float]]:
+    """The GPU's idle time between activities (name, start µs, end µs), by the
+    pair around each gap, "before → after": the activity that ran until the
+    gap (the one ending last) and the one that ended it. The first ``skip``
+    activities in order of start are left out (a profile's prompt, ahead of
+    the decode steps). Inside a CUDA graph idle time shows as gaps between
+    dependent kernels; a step waiting for the host, as a gap before its
+    first activity."""
+    gaps: dict[str, dict[str, float]] = defaultdict(lambda: {"count": 0, "us": 0.0})
+    before, covered_to = None, None
+    for name, start, end in sorted(activities, key=lambda a: (a[1], a[2]))[skip:]:
+        if covered_to is not None and start > covered_to:
+            gap = gaps[f"{before} → {name}"]
+            gap["count"] += 1
+            gap["us"] += start - covered_to
+        if covered_to is None or end > covered_to:
+            before, covered_to = name, end
+    return dict(gaps)

@@ -269,10 +269,64 @@ def test_profile_table_has_a_host_section_ordered_by_difference():
     ]
 
 
+def test_profile_table_has_a_gaps_section_with_their_total():
+    def prof(tree, wait_us):
+        gaps = {
+            "memcpy_dtoh → apply_write_kernel_with_a_name_longer_than_forty": {
+                "count": 1,
+                "us": wait_us,
+            },
+            "router → topk": {"count": 24, "us": 20.0},
+        }
+        step = {"step": "decode batch 1, per step", "wall_ms": 2.0, "kernels": {}}
+        step["idle_gaps"] = gaps
+        return {**record(tree), "profile": step}
+
+    table = e2e_report.profile_table([prof("base", 100.0), prof("patched", 40.0)])
+    gaps = table[table.index("GPU idle µs per gap") :]
+    assert "| idle gap: kernel before → kernel after | base µs |" in gaps
+    lines = [line for line in gaps.splitlines() if line.startswith("| `")]
+    # the total first, then by difference; each side of a pair cut to 38 characters
+    assert lines == [
+        "| `(all gaps)` | 120.0 | 60.0 | -60.0 |",
+        "| `memcpy_dtoh → apply_write_kernel_with_a_name_longer_` | 100.0 | 40.0 | -60.0 |",
+        "| `router → topk` | 20.0 | 20.0 | +0.0 |",
+    ]
+
+
+def test_idle_gaps_name_the_activities_around_each_gap():
+    from e2e_timeline import idle_gaps
+
+    # main stream: a [0, 10], b [12, 20], a [30, 35]; side stream: s [5, 15]
+    activities = [("a", 0.0, 10.0), ("s", 5.0, 15.0), ("b", 12.0, 20.0), ("a", 30.0, 35.0)]
+    gaps = idle_gaps(activities)
+    # s overlaps b's start, so the only gap is [20, 30], after b
+    assert gaps == {"b → a": {"count": 1, "us": 10.0}}
+    assert idle_gaps(activities[::-1]) == gaps
+    # the activity that ran until the gap is the one ending last, not the last to start
+    gaps = idle_gaps([("long", 0.0, 10.0), ("short", 2.0, 3.0), ("next", 11.0, 12.0)])
+    assert gaps == {"long → next": {"count": 1, "us": 1.0}}
+    # gaps between the same pair add up
+    repeated = [("x", 0.0, 1.0), ("y", 2.0, 3.0), ("x", 4.0, 5.0), ("y", 7.0, 8.0)]
+    assert idle_gaps(repeated) == {
+        "x → y": {"count": 2, "us": 3.0},
+        "y → x": {"count": 1, "us": 1.0},
+    }
+    # touching activities leave no gap
+    assert idle_gaps([("x", 0.0, 1.0), ("y", 1.0, 2.0)]) == {}
+    # skip leaves out the first activities by start, and the gap after them
+    assert idle_gaps(repeated[::-1], skip=2) == {"x → y": {"count": 1, "us": 2.0}}
+    assert idle_gaps(repeated, skip=4) == {}
+    assert idle_gaps([]) == {}
+
+
 def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkeypatch):
     import e2e_engine
 
-    def fake_profile(step):
+    calls = []
+
+    def fake_profile(step, gaps_after=None):
+        calls.append(gaps_after)
         tokens = step()  # the fake ``timed`` returns its token count
         decode = tokens - 1
         kernels = {"prompt_attention": {"count": 24, "us": 300.0, "beside_us": 0.0}}
@@ -291,12 +345,17 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
             "overlap_us": 700.0 * decode,
             "idle_us": 100.0 + 400.0 * decode + (9000.0 if not decode else 0.0),
         }
-        return {
+        profile = {
             "wall_ms": 1.0 + 2.5 * decode,
             "kernels": kernels,
             "host": host,
             "timeline": timeline,
+            "activities": 24 + 48 * decode,
         }
+        if gaps_after is not None:
+            # the decode steps' gaps: a launch gap in each step's layers
+            profile["gaps"] = {"router → topk": {"count": 24 * decode, "us": 12.0 * decode}}
+        return profile
 
     monkeypatch.setattr(e2e_engine, "profile_step", fake_profile)
     prof = e2e_engine.profile_decode(lambda ps, n: n, [], 8)
@@ -305,6 +364,9 @@ def test_profile_decode_is_the_prompt_plus_steps_less_the_prompt_per_step(monkey
     # the prompt's kernel cancels; the decode kernel is per step
     assert prof["kernels"] == {"fused_moe_kernel": {"count": 48.0, "us": 60.0, "beside_us": 20.0}}
     assert prof["host"] == {"cudaGraphLaunch": {"count": 1.0, "us": 5.0}}
+    # idle gaps: those after the prompt alone's 24 activities, not a difference
+    assert calls == [None, 24]
+    assert prof["idle_gaps"] == {"router → topk": {"count": 24.0, "us": 12.0}}
     # busy times are per step; no span or idle time, which do not subtract
     assert prof["timeline"] == {
         "busy_us": pytest.approx(2000.0),
